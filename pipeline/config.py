@@ -1,0 +1,81 @@
+"""Typed configuration of a build, made once from the command line (workflows/build_corpus.py).
+
+Every field is commented; ``BuildConfig.validate`` checks the whole config before any work and
+raises ``ValueError`` naming the flag and the bad value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .slicing import SliceConfig
+from .volumes import ReadConfig
+
+PIPELINE_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    """How the build runs."""
+
+    executor: str = "local"  # "local": forked worker processes on this machine
+    workers: int = 0  # concurrent units; 0 = one per CPU core
+    units_per_shard: int = 8  # series per committed shard (the unit of commit and resume)
+    unit_timeout_s: float = 600.0  # wall-clock limit to read + cut one series
+    unit_memory_mb: int = 8192  # address-space cap for one series' worker (decoder blow-ups)
+    header_batch: int = 256  # files per header-scan batch
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Train/val/test assignment, per de-identified patient."""
+
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test
+    salt: str = "split-v1"  # change to draw a different (still per-patient) split
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A whole build-corpus run."""
+
+    sources: tuple[Path, ...]  # source roots (folders or files)
+    out: Path  # corpus directory
+    key_file: Path | None = None  # de-identification key file (else $REGIONCORPUS_KEY / default)
+    read: ReadConfig = field(default_factory=ReadConfig)
+    slicing: SliceConfig = field(default_factory=SliceConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    execution: ExecConfig = field(default_factory=ExecConfig)
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("SOURCE: give at least one source folder")
+        for s in self.sources:
+            if not Path(s).exists():
+                raise ValueError(f"SOURCE {s}: no such file or directory")
+        r = self.split.ratios
+        if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
+            raise ValueError(f"--split {','.join(map(str, r))}: three non-negative ratios summing to 1")
+        e = self.execution
+        if e.workers < 0:
+            raise ValueError(f"--workers {e.workers}: must be >= 0")
+        if e.units_per_shard < 1:
+            raise ValueError(f"--units-per-shard {e.units_per_shard}: must be >= 1")
+        if e.unit_timeout_s <= 0:
+            raise ValueError(f"--unit-timeout {e.unit_timeout_s}: must be > 0")
+        if e.unit_memory_mb < 256:
+            raise ValueError(f"--unit-memory-mb {e.unit_memory_mb}: must be >= 256")
+        if e.executor not in ("local",):
+            raise ValueError(f"--executor {e.executor}: choose from local")
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes outputs (not paths, not worker counts)."""
+        d = asdict(self)
+        for k in ("sources", "out", "key_file", "execution"):
+            d.pop(k)
+        d["units_per_shard"] = self.execution.units_per_shard
+        d["pipeline_version"] = PIPELINE_VERSION
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,166 @@
+"""Stage: one unit (series + its label source) → series row, image rows, file outcomes.
+
+``process_unit`` is a pure function of its task and config; executors run it unchanged (the
+local executor in a forked child under a timeout and memory cap). It reads and de-identifies
+the volume, pairs the label map, cuts 2D images, and returns rows for the series, images and
+files tables. Every problem becomes a file outcome; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import PIPELINE_VERSION, BuildConfig
+from .deid import Deidentifier
+from .dicom_io import dcmread_safe
+from .errors import IngestError
+from .labels import label_names_from_json, read_nifti_labels
+from .labels_dicom import rasterize_rtstruct, read_dicom_seg
+from .slicing import cut_images
+from .volume import Volume
+from .volumes import read_dicom_series, read_nifti
+
+
+@dataclass
+class UnitTask:
+    """What a worker needs for one unit. Paths stay in memory; rows never carry them."""
+
+    unit_key: str
+    kind: str  # dicom | nifti
+    image_files: list[tuple[int, Path]]  # (file index, path)
+    label_file: tuple[int, Path] | None = None
+    label_kind: str | None = None  # nifti | rtstruct | seg
+    names_file: tuple[int, Path] | None = None
+    identity: str = ""  # NIfTI pseudonym input
+    modality: str | None = None  # collection-provided modality for NIfTI
+
+
+@dataclass
+class UnitResult:
+    """Rows produced by one unit. ``files`` maps file index → (status, reason, error)."""
+
+    unit_key: str
+    series: dict | None = None
+    images: list[dict] = field(default_factory=list)
+    files: dict[int, tuple[str, str, str | None]] = field(default_factory=dict)
+
+
+def assign_split(patient_key: str, ratios, salt: str) -> str:
+    """train/val/test from a hash of the de-identified patient: all of a patient's images agree."""
+    u = int(hashlib.sha256(f"{salt}:{patient_key}".encode()).hexdigest()[:8], 16) / 2**32
+    if u < ratios[0]:
+        return "train"
+    return "val" if u < ratios[0] + ratios[1] else "test"
+
+
+def image_id(unit_key: str, plane: str, index: int, window: str) -> str:
+    """Deterministic id of a 2D image: same inputs and config → same id on every run."""
+    blob = f"{PIPELINE_VERSION}|{unit_key}|{plane}|{index}|{window}".encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _read_image_volume(task: UnitTask, cfg: BuildConfig, deid: Deidentifier, result):
+    if task.kind == "nifti":
+        idx, path = task.image_files[0]
+        try:
+            vol = read_nifti(path, deid, task.identity, task.modality, cfg.read)
+        except IngestError as e:
+            result.files[idx] = ("quarantined", e.reason, e.problem)
+            return None
+        return vol
+    read = read_dicom_series([p for _, p in task.image_files], deid, cfg.read)
+    for pos, err in read.file_errors.items():
+        result.files[task.image_files[pos][0]] = ("quarantined", err.reason, err.problem)
+    if read.volume is None:
+        err = read.error
+        for idx, _ in task.image_files:
+            result.files.setdefault(idx, ("quarantined", err.reason, err.problem))
+    return read.volume
+
+
+def _attach_labels(task: UnitTask, vol: Volume, result: UnitResult) -> str:
+    if task.label_file is None:
+        return "none"
+    idx, path = task.label_file
+    try:
+        if task.label_kind == "nifti":
+            names = label_names_from_json(task.names_file[1]) if task.names_file else None
+            labels, names = read_nifti_labels(path, vol, names)
+        else:
+            ds = dcmread_safe(path)
+            reader = rasterize_rtstruct if task.label_kind == "rtstruct" else read_dicom_seg
+            labels, names = reader(ds, vol)
+    except IngestError as e:
+        result.files[idx] = ("quarantined", e.reason, e.problem)
+        if task.names_file:
+            result.files[task.names_file[0]] = ("skipped", "sidecar", "its label map was refused")
+        return "none"
+    vol.labels, vol.label_names = labels, names
+    result.files[idx] = ("ingested", "ok", None)
+    if task.names_file:
+        result.files[task.names_file[0]] = ("ingested", "sidecar", None)
+    return task.label_kind
+
+
+def _series_row(task, vol: Volume, label_source: str, split: str, n_images: int) -> dict:
+    m = vol.meta
+    return {
+        "series_key": m["series_key"], "unit_key": task.unit_key,
+        "patient_key": m["patient_key"], "study_key": m["study_key"], "split": split,
+        "modality": vol.modality, "modality_source": m.get("modality_source", "dicom"),
+        "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
+        "affine": [float(x) for x in vol.affine.ravel()], "n_files": len(task.image_files),
+        "n_images": n_images, "label_source": label_source,
+        "label_names": [vol.label_names[k] for k in sorted(vol.label_names)],
+        "body_part": m.get("body_part"), "manufacturer": m.get("manufacturer"),
+        "slice_thickness_mm": m.get("slice_thickness_mm"), "kvp": m.get("kvp"),
+        "contrast": m.get("contrast"), "study_date_shifted": m.get("study_date_shifted"),
+        "inverted_monochrome1": m.get("inverted_monochrome1"),
+        "color_to_luminance": m.get("color_to_luminance"),
+        "geometry_known": m.get("geometry_known", True), "deid_key_id": m["deid_key_id"],
+    }
+
+
+def _image_row(task, vol: Volume, img, split: str) -> dict:
+    m = vol.meta
+    values = [] if img.labels is None else [int(v) for v in np.unique(img.labels) if v]
+    return {
+        "image_id": image_id(task.unit_key, img.plane, img.slice_index, img.window),
+        "unit_key": task.unit_key, "series_key": m["series_key"],
+        "patient_key": m["patient_key"], "study_key": m["study_key"], "split": split,
+        "modality": vol.modality, "plane": img.plane, "slice_index": int(img.slice_index),
+        "window": img.window, "height": int(img.height), "width": int(img.width),
+        "pixel_to_ras": [float(x) for x in np.asarray(img.pixel_to_ras).ravel()],
+        "pixel_spacing_mm": [float(x) for x in img.pixel_spacing_mm],
+        "slice_thickness_mm": float(img.slice_thickness_mm),
+        "label_values": values, "image": {"bytes": img.png, "path": None},
+    }
+
+
+def _first_timepoint(vol: Volume) -> Volume:
+    """The 4D rule: 2D images are cut from t = 0."""
+    return replace(vol, array=vol.array[..., 0]) if vol.array.ndim == 4 else vol
+
+
+def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
+    """Read, de-identify, label and cut one unit. Never raises for bad input."""
+    result = UnitResult(task.unit_key)
+    vol = _read_image_volume(task, cfg, deid, result)
+    if vol is None:
+        if task.label_file:
+            result.files[task.label_file[0]] = ("skipped", "unpaired_label", "image not ingested")
+        if task.names_file:
+            result.files[task.names_file[0]] = ("skipped", "sidecar", "image not ingested")
+        return result
+    label_source = _attach_labels(task, vol, result)
+    split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
+    images = cut_images(_first_timepoint(vol), cfg.slicing)
+    result.images = [_image_row(task, vol, img, split) for img in images]
+    result.series = _series_row(task, vol, label_source, split, len(images))
+    for idx, _ in task.image_files:
+        result.files.setdefault(idx, ("ingested", "ok", None))
+    return result

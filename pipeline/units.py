@@ -1,0 +1,137 @@
+"""Group discovered files into units of work and pair label sources (rules in discover.py)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .deid import Deidentifier
+from .discover import CHANNEL_RE, FileEntry
+from .ingest import UnitTask
+
+SEG_SUFFIX = re.compile(r"_seg(\.nii(\.gz)?)?$", re.IGNORECASE)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".json"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _geometry_signature(e: FileEntry) -> str:
+    h = e.header
+    iop = "none" if h.iop is None else ",".join(f"{v:.3f}" for v in h.iop)
+    return f"{h.rows}x{h.cols}|{iop}"
+
+
+def _dicom_tasks(entries: list[FileEntry], deid: Deidentifier) -> dict[str, UnitTask]:
+    groups: dict[tuple[str, str], list[FileEntry]] = defaultdict(list)
+    for e in entries:
+        if e.kind == "dicom" and not e.status and e.header.kind == "image":
+            uid = e.header.series_uid or f"no-series:{e.file_key}"
+            groups[(uid, _geometry_signature(e))].append(e)
+    tasks = {}
+    for (uid, sig), members in groups.items():
+        key = deid.pseudonym("unit", f"{uid}|{sig}")
+        tasks[key] = UnitTask(key, "dicom", [(m.index, m.path) for m in members])
+    return tasks
+
+
+def _nifti_identity(e: FileEntry) -> str:
+    """Patient/series identity of a NIfTI image: its relative path without channel suffix."""
+    rel = e.rel
+    for suffix in (".nii.gz", ".nii"):
+        if rel.lower().endswith(suffix):
+            rel = rel[: -len(suffix)]
+    return CHANNEL_RE.sub("", rel)
+
+
+def _nifti_tasks(entries, deid) -> dict[str, UnitTask]:
+    tasks = {}
+    for e in entries:
+        if e.kind == "nifti" and not e.status:
+            ident = _nifti_identity(e)
+            key = deid.pseudonym("unit", f"nifti:{ident}|{e.rel}")
+            tasks[key] = UnitTask(key, "nifti", [(e.index, e.path)], identity=ident)
+    return tasks
+
+
+def _label_targets(label: FileEntry) -> list[Path]:
+    """Where the image of a NIfTI label map may live, by the pairing rules."""
+    stem = SEG_SUFFIX.sub("", _stem(label.path))
+    here = label.path.parent
+    out = [here / f"{stem}.nii.gz", here / f"{stem}.nii", here / stem]
+    if here.name == "labelsTr" or here.name == "labelsTs":
+        images = here.parent / here.name.replace("labels", "images")
+        out += [images / f"{stem}_0000.nii.gz", images / f"{stem}.nii.gz",
+                images / f"{stem}_0000.nii", images / f"{stem}.nii"]
+    return out
+
+
+def _names_for(label: FileEntry, by_path: dict[Path, FileEntry]) -> FileEntry | None:
+    stem = SEG_SUFFIX.sub("", _stem(label.path))
+    candidates = [label.path.parent / f"{stem}_seg.json"]
+    if label.path.parent.name.startswith("labels"):
+        candidates.append(label.path.parent.parent / "dataset.json")
+    for c in candidates:
+        if c in by_path:
+            return by_path[c]
+    return None
+
+
+def _pair_nifti_labels(entries, tasks, by_path) -> None:
+    image_of_path = {}
+    for t in tasks.values():
+        for _, p in t.image_files:
+            image_of_path.setdefault(p, t)
+            image_of_path.setdefault(p.parent, t)  # a DICOM series folder
+    for e in entries:
+        if e.kind != "nifti_label" or e.status:
+            continue
+        task = next((image_of_path[c] for c in _label_targets(e) if c in image_of_path), None)
+        if task is None or task.label_file is not None:
+            e.status, e.reason = "skipped", "unpaired_label"
+            e.error = "no image volume matches this label map by the pairing rules"
+            continue
+        task.label_file, task.label_kind = (e.index, e.path), "nifti"
+        names = _names_for(e, by_path)
+        if names is not None and not names.status:
+            task.names_file = (names.index, names.path)
+
+
+def _pair_dicom_labels(entries, tasks) -> None:
+    by_series: dict[str, UnitTask] = {}
+    for t in sorted(tasks.values(), key=lambda t: -len(t.image_files)):
+        if t.kind == "dicom":
+            uid = entries[t.image_files[0][0]].header.series_uid
+            by_series.setdefault(uid, t)
+    for e in entries:
+        if e.kind == "dicom" and not e.status and e.header.kind in ("rtstruct", "seg"):
+            task = by_series.get(e.header.referenced_series or "")
+            if task is None or task.label_file is not None:
+                e.status, e.reason = "skipped", "unpaired_label"
+                e.error = "its referenced image series is not in this run (or already labelled)"
+                continue
+            task.label_file, task.label_kind = (e.index, e.path), e.header.kind
+
+
+def _settle_sidecars(entries, tasks) -> None:
+    used = {t.names_file[0] for t in tasks.values() if t.names_file}
+    for e in entries:
+        if e.kind == "json" and not e.status and e.index not in used:
+            e.status, e.reason, e.error = "skipped", "sidecar", "JSON not used as a names file"
+
+
+def group_units(entries: list[FileEntry], deid: Deidentifier) -> list[UnitTask]:
+    """Units sorted by ``unit_key`` (path-independent, so sharding does not leak order)."""
+    tasks = {**_dicom_tasks(entries, deid), **_nifti_tasks(entries, deid)}
+    by_path = {e.path: e for e in entries}
+    _pair_nifti_labels(entries, tasks, by_path)
+    _pair_dicom_labels(entries, tasks)
+    _settle_sidecars(entries, tasks)
+    for t in tasks.values():
+        t.image_files.sort(key=lambda f: f[0])
+    return [tasks[k] for k in sorted(tasks)]

@@ -1,0 +1,142 @@
+"""Table schemas and exactly-once shard commits.
+
+Every table is written against one schema constant below (tests import them). A shard k is
+committed by writing each table file to a temporary name, fsync, rename to
+``DIR/<table>/shard-XXXXX.parquet``, and writing ``DIR/_commits/shard-XXXXX.json`` last (row
+counts and sha256 of every file). ``manifest.json`` is rewritten atomically after each commit
+and lists only committed shards. A shard with no marker is not committed and is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # HF datasets Image
+
+FILES_SCHEMA = pa.schema([
+    ("file_key", pa.string()),
+    ("shard", pa.int32()),
+    ("unit_key", pa.string()),
+    ("kind", pa.string()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("error", pa.string()),
+    ("size_bytes", pa.int64()),
+])
+
+SERIES_SCHEMA = pa.schema([
+    ("series_key", pa.string()),
+    ("unit_key", pa.string()),
+    ("patient_key", pa.string()),
+    ("study_key", pa.string()),
+    ("split", pa.string()),
+    ("modality", pa.string()),
+    ("modality_source", pa.string()),
+    ("shape", pa.list_(pa.int32())),
+    ("spacing_mm", pa.list_(pa.float64())),
+    ("affine", pa.list_(pa.float64())),
+    ("n_files", pa.int32()),
+    ("n_images", pa.int32()),
+    ("label_source", pa.string()),
+    ("label_names", pa.list_(pa.string())),
+    ("body_part", pa.string()),
+    ("manufacturer", pa.string()),
+    ("slice_thickness_mm", pa.float64()),
+    ("kvp", pa.float64()),
+    ("contrast", pa.bool_()),
+    ("study_date_shifted", pa.string()),
+    ("inverted_monochrome1", pa.bool_()),
+    ("color_to_luminance", pa.bool_()),
+    ("geometry_known", pa.bool_()),
+    ("deid_key_id", pa.string()),
+])
+
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("unit_key", pa.string()),
+    ("series_key", pa.string()),
+    ("patient_key", pa.string()),
+    ("study_key", pa.string()),
+    ("split", pa.string()),
+    ("modality", pa.string()),
+    ("plane", pa.string()),
+    ("slice_index", pa.int32()),
+    ("window", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("pixel_to_ras", pa.list_(pa.float64())),
+    ("pixel_spacing_mm", pa.list_(pa.float64())),
+    ("slice_thickness_mm", pa.float64()),
+    ("label_values", pa.list_(pa.int32())),
+    ("image", IMAGE_STRUCT),
+])
+
+SCHEMAS = {"files": FILES_SCHEMA, "series": SERIES_SCHEMA, "images": IMAGES_SCHEMA}
+ROW_GROUP_ROWS = {"files": 65536, "series": 4096, "images": 256}  # images: ~256 PNGs a group
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary name, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_table(path: Path, rows: list[dict], table: str) -> dict:
+    """Write ``rows`` as one Parquet file (zstd) against ``SCHEMAS[table]``, atomically."""
+    schema = SCHEMAS[table]
+    data = pa.Table.from_pylist(rows, schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(data, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS[table],
+                   write_statistics=True)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"rows": data.num_rows, "sha256": _sha256(path), "file": str(path.relative_to(
+        path.parent.parent))}
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def commit_shard(out: Path, name: str, tables: dict[str, list[dict]]) -> dict:
+    """Write every table of shard ``name`` and then its commit marker. Returns the marker."""
+    files = {t: write_table(out / t / f"{name}.parquet", rows, t) for t, rows in tables.items()}
+    marker = {"shard": name, "tables": files}
+    (out / "_commits").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "_commits" / f"{name}.json", json.dumps(marker, indent=1).encode())
+    return marker
+
+
+def committed_shards(out: Path) -> dict[str, dict]:
+    """Markers of shards whose files all exist with the recorded sha256."""
+    done = {}
+    for marker_path in sorted((out / "_commits").glob("*.json")):
+        marker = json.loads(marker_path.read_text())
+        ok = all((out / info["file"]).exists() for info in marker["tables"].values())
+        if ok:
+            done[marker["shard"]] = marker
+    return done
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
