@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
+import warnings
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -28,10 +30,19 @@ from .write import commit_shard, committed_shards, shard_name, write_manifest
 log = logging.getLogger("regioncorpus")
 
 
+_last_print = [0.0]
+
+
 def _progress(stage: str, done: int, total: int, t0: float) -> None:
-    rate = done / max(1e-9, time.monotonic() - t0)
-    print(f"\r[{stage}] {done}/{total} ({rate:.1f}/s)", end="" if done < total else "\n",
-          file=sys.stderr, flush=True)
+    """One progress line per second at most (and the final one), on stderr."""
+    now = time.monotonic()
+    if done < total and now - _last_print[0] < 1.0:
+        return
+    _last_print[0] = now
+    rate = done / max(1e-9, now - t0)
+    eta = (total - done) / rate if rate > 0 else 0.0
+    print(f"[{stage}] {done}/{total} ({rate:.1f}/s, eta {eta:.0f} s)", file=sys.stderr,
+          flush=True)
 
 
 def _scan(entries: list[FileEntry], cfg: BuildConfig) -> None:
@@ -57,9 +68,24 @@ def _workers(cfg: BuildConfig) -> int:
     return cfg.execution.workers or os.cpu_count() or 1
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def scrub(text: str | None, e: FileEntry) -> str | None:
+    """Remove anything path-like or quoted from an error message before it is written: folder
+    and file names may be patient names, and library messages may quote header values."""
+    if not text:
+        return text
+    for part in sorted({str(e.path), str(e.path.resolve()), *e.path.parts, *e.rel.split("/")},
+                       key=len, reverse=True):
+        if len(part) > 1:
+            text = text.replace(part, "<path>")
+    return _QUOTED.sub("<value>", text)[:500]
+
+
 def _file_row(e: FileEntry, shard, unit_key, status, reason, error) -> dict:
     return {"file_key": e.file_key, "shard": shard, "unit_key": unit_key, "kind": e.kind,
-            "status": status, "reason": reason, "error": error, "size_bytes": e.size}
+            "status": status, "reason": reason, "error": scrub(error, e), "size_bytes": e.size}
 
 
 def _unit_files(task: UnitTask) -> list[int]:
@@ -149,9 +175,17 @@ def _failed_unit(task: UnitTask, err: IngestError) -> UnitResult:
     return res
 
 
+def quiet_libraries() -> None:
+    """pydicom's warnings quote header values (which may be PHI): keep them out of the logs."""
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*VR .*")
+
+
 def build(cfg: BuildConfig) -> dict:
     """Run a whole build; returns the manifest (also written to ``cfg.out/manifest.json``)."""
     cfg.validate()
+    quiet_libraries()
     deid = Deidentifier.from_env(cfg.key_file)
     cfg.out.mkdir(parents=True, exist_ok=True)
     _check_out_dir(cfg.out, cfg.config_hash())

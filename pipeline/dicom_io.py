@@ -121,7 +121,8 @@ def _kind(sop: str, ds) -> str:
         return "seg"
     if sop.startswith(NON_IMAGE_PREFIXES):
         return "other"
-    return "image" if "Rows" in ds else "other"
+    storage = sop.startswith("1.2.840.10008.5.1.4.1.1.")  # image storage family
+    return "image" if "Rows" in ds or storage else "other"
 
 
 def _label_reference(ds, kind: str) -> str | None:

@@ -63,3 +63,7 @@ class IngestError(Exception):
         self.path = path
         where = f"{path}: " if path is not None else ""
         super().__init__(f"{where}{problem} [{reason}]")
+
+    def __reduce__(self):
+        # Crosses process boundaries without its path: only reason and problem travel.
+        return (IngestError, (self.reason, self.problem, None))

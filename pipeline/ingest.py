@@ -20,7 +20,7 @@ from .dicom_io import dcmread_safe
 from .errors import IngestError
 from .labels import label_names_from_json, read_nifti_labels
 from .labels_dicom import rasterize_rtstruct, read_dicom_seg
-from .slicing import cut_images
+from .slicing import SliceConfig, cut_images
 from .volume import Volume
 from .volumes import read_dicom_series, read_nifti
 
@@ -141,9 +141,16 @@ def _image_row(task, vol: Volume, img, split: str) -> dict:
     }
 
 
-def _first_timepoint(vol: Volume) -> Volume:
-    """The 4D rule: 2D images are cut from t = 0."""
-    return replace(vol, array=vol.array[..., 0]) if vol.array.ndim == 4 else vol
+PLANE_OF_SINGLETON_AXIS = {0: "sagittal", 1: "coronal", 2: "axial"}
+
+
+def _slicing_for(vol: Volume, cfg: SliceConfig) -> SliceConfig:
+    """A single-slice (2D) volume is cut in its acquired plane only: the one normal to its
+    singleton axis (a sagittal localizer gives one sagittal image, not a line of pixels)."""
+    flat = [a for a in range(3) if vol.array.shape[a] == 1]
+    if not flat:
+        return cfg
+    return replace(cfg, planes=(PLANE_OF_SINGLETON_AXIS[flat[-1]],), every_k=1)
 
 
 def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
@@ -158,7 +165,7 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
         return result
     label_source = _attach_labels(task, vol, result)
     split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
-    images = cut_images(_first_timepoint(vol), cfg.slicing)
+    images = cut_images(vol, _slicing_for(vol, cfg.slicing))  # 4D: frame cfg.slicing.frame
     result.images = [_image_row(task, vol, img, split) for img in images]
     result.series = _series_row(task, vol, label_source, split, len(images))
     for idx, _ in task.image_files:

@@ -63,9 +63,9 @@ def test_matches_dicom2nifti(tmp_path, deid, geometry, syntax):
 
 
 def test_phantom_series_matches_dicom2nifti(tmp_path, deid):
-    from pipeline.phantoms import PhantomConfig, make_collection
+    from pipeline.phantoms import make_phantoms
 
-    make_collection(PhantomConfig(out=tmp_path / "ph", patients=1, seed=5))
+    make_phantoms(tmp_path / "ph", patients=1, seed=5)
     series = next(p for p in (tmp_path / "ph").rglob("CT_*") if p.is_dir())
     ours = read_volume(series, deid)
     ref_array, ref_affine = _oracle(series, tmp_path)
