@@ -76,10 +76,9 @@ def scrub(text: str | None, e: FileEntry) -> str | None:
     and file names may be patient names, and library messages may quote header values."""
     if not text:
         return text
-    for part in sorted({str(e.path), str(e.path.resolve()), *e.path.parts, *e.rel.split("/")},
+    for part in sorted({str(e.path), str(e.path.resolve()), e.rel, e.path.name},
                        key=len, reverse=True):
-        if len(part) > 1:
-            text = text.replace(part, "<path>")
+        text = text.replace(part, "<path>")
     return _QUOTED.sub("<value>", text)[:500]
 
 
@@ -178,6 +177,7 @@ def _failed_unit(task: UnitTask, err: IngestError) -> UnitResult:
 def quiet_libraries() -> None:
     """pydicom's warnings quote header values (which may be PHI): keep them out of the logs."""
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     warnings.filterwarnings("ignore", message=r".*VR .*")
 

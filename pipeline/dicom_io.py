@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from .deid import burned_in_risk
 from .errors import IngestError
 
 RTSTRUCT_UID = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -53,7 +54,7 @@ class Header:
     referenced_series: str | None = None
     enhanced: bool = False
     has_pixels: bool = True
-    extra: dict = field(default_factory=dict)
+    burned_in: bool = False  # pipeline.deid.burned_in_risk of this header
 
     @property
     def declared_bytes(self) -> int:
@@ -168,6 +169,7 @@ def header_from_dataset(ds) -> Header:
         referenced_series=_label_reference(ds, kind),
         enhanced=sop.startswith(ENHANCED_PREFIXES) or "PerFrameFunctionalGroupsSequence" in ds,
         has_pixels=any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+        burned_in=burned_in_risk(ds),
     )
 
 

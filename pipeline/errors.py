@@ -35,6 +35,7 @@ REASONS = {
     "too_few_slices": "fewer slices than the configured minimum",
     "duplicate_position": "two slices at the same position with different pixels",
     "bad_affine": "singular or sheared NIfTI affine",
+    "not_a_volume": "a NIfTI container that holds no image volume (CIFTI-2)",
     "burned_in_risk": "image may carry burned-in annotations",
     "unpaired_label": "label object whose referenced image series is not in the run",
     "label_mismatch": "label map grid does not match its image volume",
@@ -44,6 +45,11 @@ REASONS = {
     "recursion": "pathologically nested sequences",
     "internal": "unexpected error in the pipeline (a bug: please report)",
 }
+
+
+# Reasons that mean "valid, but not for us": the file is skipped rather than quarantined.
+SKIP_REASONS = {"not_a_volume", "unsupported_sop", "not_medical", "archive", "sidecar",
+                "unpaired_label", "symlink_outside_root", "not_regular"}
 
 
 class IngestError(Exception):

@@ -108,7 +108,7 @@ class SliceConfig:
         p = self.percentiles
         if (
             len(p) != 2
-            or not all(isinstance(x, (int, float)) for x in p)
+            or not all(isinstance(x, (int, float, np.integer, np.floating)) for x in p)
             or not 0 <= p[0] < p[1] <= 100
         ):
             raise ValueError(

@@ -134,4 +134,6 @@ def group_units(entries: list[FileEntry], deid: Deidentifier) -> list[UnitTask]:
     _settle_sidecars(entries, tasks)
     for t in tasks.values():
         t.image_files.sort(key=lambda f: f[0])
+        if t.kind == "dicom":
+            t.headers = [entries[i].header for i, _ in t.image_files]
     return [tasks[k] for k in sorted(tasks)]

@@ -20,8 +20,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .deid import Deidentifier, burned_in_risk, clean_dicom_meta
-from .dicom_io import check_budget, dcmread_safe, header_from_dataset, read_header
+from .deid import Deidentifier, clean_dicom_meta
+from .dicom_io import Header, check_budget, dcmread_safe, header_from_dataset, read_header
 from .dicom_pixels import frames_of
 from .dicom_series import assemble, planes_of
 from .errors import IngestError
@@ -53,21 +53,33 @@ def is_nifti(path: os.PathLike | str) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def _read_datasets(paths, cfg: ReadConfig, errors: dict) -> list[tuple[int, object]]:
-    """Full reads (pixels included) of the files that pass header and budget checks."""
+def _admit(header: Header, cfg: ReadConfig, total: int, path) -> int:
+    """Budget and burned-in checks on a header, before any pixel is read. Returns new total."""
+    check_budget(header, cfg.file_budget_bytes, path)
+    total += header.declared_bytes
+    if total > cfg.series_budget_bytes:
+        raise IngestError("size_budget", "series exceeds the series byte budget", path)
+    if not cfg.allow_burned_in and header.burned_in:
+        raise IngestError("burned_in_risk", "BurnedInAnnotation is YES, or absent on a "
+                          "modality that customarily burns in text", path)
+    return total
+
+
+def _read_datasets(paths, cfg: ReadConfig, errors: dict, headers=None) -> list[tuple[int, object]]:
+    """Full reads (pixels included) of the files that pass header and budget checks.
+
+    With ``headers`` from discovery the checks run before the file is read in full.
+    """
     out, total = [], 0
     for i, p in enumerate(paths):
         try:
-            ds = dcmread_safe(Path(p))
-            header = header_from_dataset(ds)
-            check_budget(header, cfg.file_budget_bytes, p)
-            total += header.declared_bytes
-            if total > cfg.series_budget_bytes:
-                raise IngestError("size_budget", "series exceeds the series byte budget", p)
-            if not cfg.allow_burned_in and burned_in_risk(ds):
-                raise IngestError("burned_in_risk", "BurnedInAnnotation is YES, or absent on a "
-                                  "modality that customarily burns in text", p)
-            out.append((i, ds))
+            if headers is not None:
+                total = _admit(headers[i], cfg, total, p)
+                out.append((i, dcmread_safe(Path(p))))
+            else:
+                ds = dcmread_safe(Path(p))
+                total = _admit(header_from_dataset(ds), cfg, total, p)
+                out.append((i, ds))
         except IngestError as e:
             errors[i] = e
     return out
@@ -94,7 +106,8 @@ def _facts(ds, array, planes) -> dict:
     }
 
 
-def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig()) -> SeriesRead:
+def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig(),
+                      headers: list[Header] | None = None) -> SeriesRead:
     """Read the DICOM files ``paths`` (one series) into a canonical RAS+ :class:`Volume`.
 
     A file that cannot be read is recorded in ``file_errors`` and left out; the series is then
@@ -103,7 +116,7 @@ def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig())
     paths = [Path(p) for p in paths]
     where = paths[0].parent if paths else None
     errors: dict[int, IngestError] = {}
-    datasets = _read_datasets(paths, cfg, errors)
+    datasets = _read_datasets(paths, cfg, errors, headers)
     planes = _decode_planes(datasets, errors)
     if not planes:
         first = next(iter(errors.values()), None)
@@ -144,6 +157,8 @@ def read_nifti(path, deid: Deidentifier, identity: str | None = None,
     except Exception as e:  # nibabel raises many types for corrupt headers
         raise IngestError("unreadable", f"not a readable NIfTI file ({type(e).__name__}: "
                           f"{str(e)[:200]})", path) from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or getattr(img, "affine", None) is None:
+        raise IngestError("not_a_volume", f"{type(img).__name__} holds no image volume", path)
     shape = tuple(int(s) for s in img.shape)
     declared = int(np.prod(shape, dtype=np.int64)) * max(4, img.get_data_dtype().itemsize)
     if declared > cfg.series_budget_bytes:

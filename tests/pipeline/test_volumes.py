@@ -214,3 +214,31 @@ def test_enhanced_multiframe_matches_classic(tmp_path, deid):
                            deid)
     np.testing.assert_array_equal(enhanced.array, classic.array)
     np.testing.assert_allclose(enhanced.affine, classic.affine, atol=1e-6)
+
+
+def test_excess_frames_are_quarantined(tmp_path, deid):
+    paths = write_series(tmp_path / "s", ramp_volume((1, 8, 8)))
+    ds = pydicom.dcmread(paths[0])
+    ds.NumberOfFrames = 1
+    ds.PixelData = ds.PixelData * 3  # three frames of data, one declared
+    ds.save_as(paths[0])
+    with pytest.raises(IngestError) as e:
+        read_volume(paths, deid)
+    assert e.value.reason == "excess_frames"
+
+
+def test_missing_decoders_are_named():
+    from pipeline.dicom_io import missing_decoders
+
+    found = missing_decoders(["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90",
+                              "1.2.840.10008.1.2.4.100"])
+    assert found == {"1.2.840.10008.1.2.4.100": "MPEG2 Main Profile / Main Level"}
+
+
+def test_cifti_is_skipped_not_crashed(deid):
+    import nibabel as nib
+
+    path = __import__("pathlib").Path(nib.__file__).parent / "tests" / "data" / "row_major.dconn.nii"
+    with pytest.raises(IngestError) as e:
+        read_volume(path, deid)
+    assert e.value.reason == "not_a_volume"

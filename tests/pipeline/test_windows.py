@@ -17,7 +17,9 @@ from pipeline.windows import (
 
 
 @pytest.mark.parametrize("name", sorted(CT_WINDOWS))
-@pytest.mark.parametrize("bits,dtype,top,mid", [(8, np.uint8, 255, 128), (16, np.uint16, 65535, 32768)])
+@pytest.mark.parametrize(
+    "bits,dtype,top,mid", [(8, np.uint8, 255, 128), (16, np.uint16, 65535, 32768)]
+)
 def test_window_edges_and_level_are_exact(name, bits, dtype, top, mid):
     width, level = CT_WINDOWS[name]
     hu = np.array(
