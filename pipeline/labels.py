@@ -201,7 +201,7 @@ def read_nifti_labels(
     _check_grid(data.shape, affine, volume, path)
     labels = np.ascontiguousarray(data, dtype=np.int32)
     given = names or {}
-    present = [int(v) for v in np.unique(labels) if v != 0]
+    present = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v != 0]
     return labels, {v: given.get(v) or f"label_{v}" for v in present}
 
 

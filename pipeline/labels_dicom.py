@@ -66,7 +66,7 @@ def _grid(volume: Volume) -> tuple[int, int, int]:
 
 
 def _present(labels: np.ndarray, names: dict[int, str]) -> dict[int, str]:
-    values = {int(v) for v in np.unique(labels) if v != 0}
+    values = {int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v != 0}
     return {v: n for v, n in names.items() if v in values}
 
 
