@@ -242,3 +242,20 @@ def test_cifti_is_skipped_not_crashed(deid):
     with pytest.raises(IngestError) as e:
         read_volume(path, deid)
     assert e.value.reason == "not_a_volume"
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_small_odd.dcm", "SC_ybr_full_422_uncompressed.dcm",
+                                  "examples_palette.dcm"])
+def test_colour_becomes_luminance(deid, name):
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_color_lut
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    rgb = ds.pixel_array
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        rgb = apply_color_lut(rgb, ds)
+    luma = (rgb.astype(np.float32) * np.array([0.299, 0.587, 0.114], np.float32)).sum(-1)
+    vol = read_volume(get_testdata_file(name), deid, ReadConfig(allow_burned_in=True))
+    assert vol.shape[2] == 1
+    # (X, Y) of the canonical array is the display image transposed and flipped as LPS → RAS
+    np.testing.assert_allclose(np.sort(vol.array.ravel()), np.sort(luma.ravel()), rtol=1e-5)
