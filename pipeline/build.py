@@ -93,8 +93,8 @@ def _unit_files(task: UnitTask) -> list[int]:
     return idx
 
 
-def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries) -> dict:
-    files, series, images = [], [], []
+def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries, models=None) -> dict:
+    files, series, images, regions = [], [], [], []
     for task in tasks:
         res: UnitResult = results[task.unit_key]
         for idx in _unit_files(task):
@@ -104,7 +104,10 @@ def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries) -> dict
         if res.series:
             series.append(res.series)
         images.extend(res.images)
-    return {"files": files, "series": series, "images": images}
+        regions.extend(res.regions)
+        if models is not None and res.images:
+            regions.extend(models(res.images, res.prompts))
+    return {"files": files, "series": series, "images": images, "regions": regions}
 
 
 def _check_out_dir(out: Path, config_hash: str) -> None:
@@ -130,7 +133,7 @@ def _summarize(entries, markers, cfg, deid, timings) -> dict:
                 if s == "quarantined":
                     reasons[r] += 1
     rows = {tbl: sum(m["tables"][tbl]["rows"] for m in markers.values() if tbl in m["tables"])
-            for tbl in ("files", "series", "images")}
+            for tbl in ("files", "series", "images", "regions")}
     return {
         "pipeline_version": PIPELINE_VERSION, "config_hash": cfg.config_hash(),
         "deid_key_id": deid.key_id, "found": len(entries), "ingested": status["ingested"],
@@ -141,7 +144,7 @@ def _summarize(entries, markers, cfg, deid, timings) -> dict:
     }
 
 
-def _run_units(pending, cfg, deid, entries, markers, on_commit) -> None:
+def _run_units(pending, cfg, deid, entries, markers, on_commit, models) -> None:
     flat = [(k, t) for k, tasks in pending for t in tasks]
     by_shard = {k: tasks for k, tasks in pending}
     results: dict[int, dict] = {k: {} for k, _ in pending}
@@ -159,7 +162,7 @@ def _run_units(pending, cfg, deid, entries, markers, on_commit) -> None:
         if len(results[k]) == len(by_shard[k]):
             name = shard_name(k)
             markers[name] = commit_shard(cfg.out, name, _shard_tables(
-                k, by_shard[k], results.pop(k), entries))
+                k, by_shard[k], results.pop(k), entries, models))
             on_commit()
 
 
@@ -214,7 +217,12 @@ def build(cfg: BuildConfig) -> dict:
     def write() -> None:
         write_manifest(cfg.out, _summarize(entries, markers, cfg, deid, timings))
 
-    _run_units(pending, cfg, deid, entries, markers, write)
+    models = None
+    if pending and {"boxes", "detector"} & set(cfg.regions.routes):
+        from .propose import ModelStage
+
+        models = ModelStage(cfg.regions)  # loaded once, in this process; children never use it
+    _run_units(pending, cfg, deid, entries, markers, write, models)
     timings["series"] = round(time.monotonic() - t, 3)
     manifest = _summarize(entries, markers, cfg, deid, timings)
     write_manifest(cfg.out, manifest)

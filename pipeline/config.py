@@ -11,10 +11,20 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .regions import RegionConfig
 from .slicing import SliceConfig
 from .volumes import ReadConfig
 
 PIPELINE_VERSION = "0.1.0"
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes (model checkpoints in provenance)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class BuildConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     slicing: SliceConfig = field(default_factory=SliceConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    regions: RegionConfig = field(default_factory=RegionConfig)
     execution: ExecConfig = field(default_factory=ExecConfig)
 
     def validate(self) -> None:
@@ -67,6 +78,8 @@ class BuildConfig:
             raise ValueError(f"--unit-timeout {e.unit_timeout_s}: must be > 0")
         if e.unit_memory_mb < 256:
             raise ValueError(f"--unit-memory-mb {e.unit_memory_mb}: must be >= 256")
+        if self.regions.detector and not Path(self.regions.detector).is_file():
+            raise ValueError(f"--detector {self.regions.detector}: no such file")
         if e.executor not in ("local",):
             raise ValueError(f"--executor {e.executor}: choose from local")
 
@@ -76,6 +89,9 @@ class BuildConfig:
         for k in ("sources", "out", "key_file", "execution"):
             d.pop(k)
         d["units_per_shard"] = self.execution.units_per_shard
+        d["regions"].pop("device")
+        if self.regions.detector:  # the weights' content, not their path
+            d["regions"]["detector"] = file_sha256(self.regions.detector)
         d["pipeline_version"] = PIPELINE_VERSION
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

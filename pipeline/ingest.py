@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .config import PIPELINE_VERSION, BuildConfig
@@ -20,6 +21,7 @@ from .dicom_io import dcmread_safe
 from .errors import SKIP_REASONS, IngestError
 from .labels import label_names_from_json, read_nifti_labels
 from .labels_dicom import rasterize_rtstruct, read_dicom_seg
+from .regions import RegionConfig, label_prompts, label_regions
 from .slicing import SliceConfig, cut_images
 from .volume import Volume
 from .volumes import read_dicom_series, read_nifti
@@ -47,6 +49,8 @@ class UnitResult:
     unit_key: str
     series: dict | None = None
     images: list[dict] = field(default_factory=list)
+    regions: list[dict] = field(default_factory=list)  # labels route
+    prompts: dict[str, list] = field(default_factory=dict)  # image_id → [(label, value, XYXY)]
     files: dict[int, tuple[str, str, str | None]] = field(default_factory=dict)
 
 
@@ -167,6 +171,24 @@ def _slicing_for(vol: Volume, cfg: SliceConfig) -> SliceConfig:
     return replace(cfg, planes=(PLANE_OF_SINGLETON_AXIS[flat[-1]],), every_k=1)
 
 
+def _pixels(png: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def _propose_from_labels(images, result: UnitResult, names, rcfg: RegionConfig) -> None:
+    """labels route: exact regions; boxes route: component boxes as prompts for the segmenter."""
+    for img, row in zip(images, result.images, strict=True):
+        if img.labels is None:
+            continue
+        if "labels" in rcfg.routes:
+            pixels = None if "body" in names.values() else _pixels(img.png)
+            result.regions += label_regions(row, img.labels, names, rcfg, pixels)
+        if "boxes" in rcfg.routes:
+            prompts = label_prompts(row, img.labels, names, rcfg)
+            if prompts:
+                result.prompts[row["image_id"]] = prompts
+
+
 def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
     """Read, de-identify, label and cut one unit. Never raises for bad input."""
     result = UnitResult(task.unit_key)
@@ -181,6 +203,7 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
     split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
     images = cut_images(vol, _slicing_for(vol, cfg.slicing))  # 4D: frame cfg.slicing.frame
     result.images = [_image_row(task, vol, img, split) for img in images]
+    _propose_from_labels(images, result, vol.label_names, cfg.regions)
     result.series = _series_row(task, vol, label_source, split, len(images))
     for idx, _ in task.image_files:
         result.files.setdefault(idx, ("ingested", "ok", None))

@@ -77,8 +77,35 @@ IMAGES_SCHEMA = pa.schema([
     ("image", IMAGE_STRUCT),
 ])
 
-SCHEMAS = {"files": FILES_SCHEMA, "series": SERIES_SCHEMA, "images": IMAGES_SCHEMA}
-ROW_GROUP_ROWS = {"files": 65536, "series": 4096, "images": 256}  # images: ~256 PNGs a group
+RLE_STRUCT = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])  # COCO RLE
+
+REGIONS_SCHEMA = pa.schema([
+    ("region_id", pa.string()),
+    ("image_id", pa.string()),
+    ("unit_key", pa.string()),
+    ("series_key", pa.string()),
+    ("patient_key", pa.string()),
+    ("split", pa.string()),
+    ("modality", pa.string()),
+    ("plane", pa.string()),
+    ("label", pa.string()),
+    ("label_value", pa.int32()),
+    ("source", pa.string()),
+    ("bbox", pa.list_(pa.float64())),
+    ("mask_rle", RLE_STRUCT),
+    ("area_px", pa.int64()),
+    ("area_mm2", pa.float64()),
+    ("centroid_ras", pa.list_(pa.float64())),
+    ("max_diameter_mm", pa.float64()),
+    ("laterality", pa.string()),
+    ("score", pa.float64()),
+    ("segmenter", pa.string()),
+    ("model_sha256", pa.string()),
+])
+
+SCHEMAS = {"files": FILES_SCHEMA, "series": SERIES_SCHEMA, "images": IMAGES_SCHEMA,
+           "regions": REGIONS_SCHEMA}
+ROW_GROUP_ROWS = {"files": 65536, "series": 4096, "images": 256, "regions": 16384}
 
 
 def _sha256(path: Path) -> str:

@@ -1,10 +1,13 @@
 """build-corpus SOURCE... --out DIR [options]
 
 Walks the SOURCE folders (DICOM series, NIfTI volumes with label maps, RTSTRUCT, DICOM SEG),
-de-identifies, assembles canonical volumes, cuts 2D images and commits Parquet shards:
-DIR/files/, DIR/series/, DIR/images/ and DIR/manifest.json. Rerunning the same command resumes.
+de-identifies, assembles canonical volumes, cuts 2D images, proposes regions (--roi labels,
+boxes, detector; masks from the SAM-family --segmenter) and commits Parquet shards:
+DIR/files/, DIR/series/, DIR/images/, DIR/regions/ and DIR/manifest.json. Rerunning the same
+command resumes.
 
     build-corpus data/phantoms --out data/corpus
+    build-corpus data/phantoms --out data/corpus2 --roi labels,boxes --segmenter lite-medsam
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from pipeline.build import build
 from pipeline.config import BuildConfig, ExecConfig, SplitConfig
+from pipeline.regions import RegionConfig
 from pipeline.slicing import SliceConfig
 from pipeline.volumes import ReadConfig
 
@@ -36,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-burned-in", action="store_true",
                    help="ingest images that may carry burned-in annotations")
     p.add_argument("--min-slices", type=int, default=1, help="fewer slices → quarantined")
+    p.add_argument("--roi", default="labels", help="comma list of labels,boxes,detector")
+    p.add_argument("--segmenter", default="lite-medsam",
+                   help="lite-medsam | sam:PATH | medsam:PATH | otsu | none (boxes/detector routes)")
+    p.add_argument("--detector", help="YOLO weights (.pt) for --roi detector (see train-detector)")
+    p.add_argument("--det-conf", type=float, default=0.25, help="detector confidence threshold")
+    p.add_argument("--det-iou", type=float, default=0.5, help="detector NMS IoU threshold")
+    p.add_argument("--min-area-mm2", type=float, default=4.0,
+                   help="label components smaller than this are dropped as fragments")
+    p.add_argument("--min-mask-score", type=float, default=0.0,
+                   help="drop segmenter masks whose predicted IoU is below this")
+    p.add_argument("--device", default="cpu", help="model stage device: cpu, cuda, cuda:1, ...")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios per patient")
     p.add_argument("--workers", type=int, default=0, help="parallel series (0 = CPU count)")
     p.add_argument("--units-per-shard", type=int, default=8, help="series per shard")
@@ -56,10 +71,14 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     slicing = SliceConfig(planes=tuple(args.planes.split(",")), every_k=args.every_k,
                           max_side=args.max_side, bits=args.bits,
                           ct_windows=tuple(args.ct_windows.split(",")))
+    regions = RegionConfig(
+        routes=tuple(args.roi.split(",")), min_area_mm2=args.min_area_mm2,
+        segmenter=args.segmenter, detector=args.detector, det_conf=args.det_conf,
+        det_iou=args.det_iou, min_mask_score=args.min_mask_score, device=args.device)
     return BuildConfig(
         sources=tuple(args.sources), out=args.out, key_file=args.key_file,
         read=ReadConfig(min_slices=args.min_slices, allow_burned_in=args.allow_burned_in),
-        slicing=slicing, split=SplitConfig(ratios=_floats(args.split, "--split")),
+        slicing=slicing, regions=regions, split=SplitConfig(ratios=_floats(args.split, "--split")),
         execution=ExecConfig(workers=args.workers, units_per_shard=args.units_per_shard,
                              unit_timeout_s=args.unit_timeout,
                              unit_memory_mb=args.unit_memory_mb),
@@ -76,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build-corpus: error: {e}", file=sys.stderr)
         return 2
     manifest = build(cfg)
-    summary = {k: manifest[k] for k in ("found", "ingested", "quarantined", "skipped",
+    summary = {k: manifest.get(k) for k in ("found", "ingested", "quarantined", "skipped",
                                         "quarantined_by_reason", "rows", "timings_s")}
     print(json.dumps(summary, indent=1))
     print(f"corpus written to {cfg.out} (manifest: {cfg.out / 'manifest.json'})")

@@ -1,0 +1,92 @@
+"""The model stage: boxes (from label maps) and detector (YOLO) routes, masks from the segmenter.
+
+Runs where the models live (the build process for the local executor; one actor per GPU on a
+cluster): per image, one detector pass and ONE segmenter image-encoder pass for all its boxes,
+whichever route they came from. Images are the stored PNGs, decoded, so models see exactly the
+pixels the corpus keeps. Scores: detector confidence for detector regions, the segmenter's
+predicted IoU for boxes regions.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .regions import RegionConfig, body_midline_x, region_row
+
+
+def decode_png(image_row: dict) -> np.ndarray:
+    """(H, W) uint8 (or uint16) pixels of an images-table row."""
+    data = np.frombuffer(image_row["image"]["bytes"], np.uint8)
+    return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+
+
+def _to8(px: np.ndarray) -> np.ndarray:
+    return px if px.dtype == np.uint8 else (px >> 8).astype(np.uint8)
+
+
+class ModelStage:
+    """Callable over (image rows, prompts) → region rows, holding the loaded models."""
+
+    def __init__(self, cfg: RegionConfig):
+        from .segment import build_segmenter
+
+        self.cfg = cfg
+        self.segmenter = build_segmenter(cfg.segmenter, device=cfg.device)
+        self.detector = None
+        if "detector" in cfg.routes:
+            from .detect import Detector, DetectorConfig
+
+            self.detector = Detector(DetectorConfig(weights=cfg.detector, conf=cfg.det_conf,
+                                                    iou=cfg.det_iou, device=cfg.device))
+
+    def provenance(self) -> dict:
+        return {"segmenter": self.segmenter.name,
+                "segmenter_sha256": self.segmenter.checkpoint_sha256,
+                "detector_sha256": getattr(self.detector, "checkpoint_sha256", None)}
+
+    def _items(self, image_id, prompts, det) -> list[tuple]:
+        items = [(lab, val, box, "boxes", None) for lab, val, box in prompts.get(image_id, [])]
+        if det is not None:
+            boxes, scores, labels = det
+            items += [(lab, None, [float(v) for v in box], "detector", float(s))
+                      for box, s, lab in zip(boxes, scores, labels, strict=True)]
+        return items
+
+    def _rows_for(self, image: dict, px: np.ndarray, items: list[tuple]) -> list[dict]:
+        boxes = np.array([it[2] for it in items], np.float32).reshape(-1, 4)
+        masks, ious = self.segmenter.predict(_to8(px), boxes)
+        midline = body_midline_x(image["pixel_to_ras"], None, _to8(px))
+        rows = []
+        for k, (label, value, box, source, conf) in enumerate(items):
+            mask = _box_mask(px.shape, box) if masks is None else masks[k]
+            iou = None if ious is None or np.isnan(ious[k]) else float(ious[k])
+            if masks is not None and (not mask.any() or (iou is not None and iou < self.cfg.min_mask_score)):
+                continue
+            row = region_row(image, label, value, source, mask, box, midline, self.cfg,
+                             score=conf if source == "detector" else iou,
+                             segmenter=self.segmenter.name,
+                             model_sha=self.segmenter.checkpoint_sha256)
+            if masks is None:
+                row["mask_rle"] = None
+            rows.append(row)
+        return rows
+
+    def __call__(self, images: list[dict], prompts: dict[str, list]) -> list[dict]:
+        todo = [im for im in images if self.detector is not None or im["image_id"] in prompts]
+        pixels = [decode_png(im) for im in todo]
+        dets = self.detector.predict([_to8(p) for p in pixels]) if self.detector else [None] * len(todo)
+        rows = []
+        for image, px, det in zip(todo, pixels, dets, strict=True):
+            items = self._items(image["image_id"], prompts, det)
+            if items:
+                rows += self._rows_for(image, px, items)
+        return rows
+
+
+def _box_mask(shape, box) -> np.ndarray:
+    """(H, W) bool filled XYXY rectangle: the geometry of a boxes-only region."""
+    m = np.zeros(shape[:2], bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+    return m

@@ -1,0 +1,200 @@
+"""Regions: connected components of label maps and the geometry of any 2D mask.
+
+Frames: masks are (H, W) bool in the pixel grid of an images-table row; boxes are XYXY float
+in pixel coordinates where pixel (c, r) covers [c, c+1) × [r, r+1) (so a component spanning
+columns 10..20 has x0 = 10, x1 = 21); ``pixel_to_ras`` (3, 3) maps (col, row, 1) of pixel
+centres to RAS mm.
+
+Rules (documented in docs/architecture.md):
+* components: per label value, 8-connected; a component smaller than ``min_area_mm2`` is a
+  fragment and is dropped (no merging); labels named in ``ignore_labels`` yield no regions.
+* max diameter: the largest distance between corners of the mask's boundary pixels, in mm
+  (anisotropic in-plane spacing respected) — the maximal Feret diameter of the pixelated shape.
+* laterality: patient right when the centroid lies more than ``midline_band_mm`` toward RAS +x
+  of the body midline on this slice, left when as far toward −x, else midline. The body
+  midline is the middle of the body's RAS x extent, the body being the ``body`` label when the
+  label map has one, else the largest component above Otsu's threshold of the image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+EIGHT = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """How regions are proposed and filtered."""
+
+    routes: tuple[str, ...] = ("labels",)  # any of labels, boxes, detector
+    min_area_mm2: float = 4.0  # smaller components are fragments, dropped
+    ignore_labels: tuple[str, ...] = ("body",)  # label names that never become regions
+    midline_band_mm: float = 5.0  # |x − midline| below this → "midline"
+    segmenter: str = "lite-medsam"  # boxes/detector routes: SAM family spec (see segment.py)
+    detector: str | None = None  # YOLO weights path for the detector route
+    det_conf: float = 0.25  # detector confidence threshold
+    det_iou: float = 0.5  # detector NMS IoU threshold
+    min_mask_score: float = 0.0  # drop SAM masks whose predicted IoU is below this
+    device: str = "cpu"  # model stage device ("cuda", "cuda:1", ...)
+
+    def __post_init__(self):
+        bad = [r for r in self.routes if r not in ("labels", "boxes", "detector")]
+        if bad or not self.routes:
+            raise ValueError(f"--roi {','.join(self.routes)}: choose from labels,boxes,detector")
+        if "detector" in self.routes and not self.detector:
+            raise ValueError("--roi detector needs --detector PATH (train one with train-detector)")
+        if self.min_area_mm2 < 0:
+            raise ValueError(f"--min-area-mm2 {self.min_area_mm2}: must be >= 0")
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """COCO RLE of an (H, W) bool mask, as pycocotools encodes it: {"size": [H, W], "counts": str}."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """Inverse of :func:`encode_rle`: (H, W) bool."""
+    return mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"].encode()}) > 0
+
+
+def bbox_of(mask: np.ndarray) -> list[float]:
+    """XYXY box (pixel-edge coordinates) of an (H, W) bool mask; [0, 0, 0, 0] when empty."""
+    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+    if not rows.any():
+        return [0.0, 0.0, 0.0, 0.0]
+    r0, r1 = np.flatnonzero(rows)[[0, -1]]
+    c0, c1 = np.flatnonzero(cols)[[0, -1]]
+    return [float(c0), float(r0), float(c1 + 1), float(r1 + 1)]
+
+
+def max_diameter_mm(mask: np.ndarray, spacing_mm) -> float:
+    """Maximal Feret diameter in mm of an (H, W) bool mask with (row_mm, col_mm) spacing."""
+    edge = mask & ~ndimage.binary_erosion(mask)
+    r, c = np.nonzero(edge)
+    if r.size == 0:
+        return 0.0
+    corners = np.concatenate([np.stack([c + dc, r + dr], 1) for dc in (0, 1) for dr in (0, 1)])
+    pts = np.unique(corners, axis=0).astype(np.float64) * [spacing_mm[1], spacing_mm[0]]
+    try:
+        pts = pts[ConvexHull(pts).vertices]
+    except QhullError:  # collinear points (a one-pixel-wide line): all points are extreme
+        pass
+    d = pts[:, None, :] - pts[None, :, :]
+    return float(np.sqrt((d**2).sum(-1)).max())
+
+
+def centroid_ras(mask: np.ndarray, pixel_to_ras: np.ndarray) -> list[float]:
+    """RAS mm of the centroid of the mask's pixel centres."""
+    r, c = np.nonzero(mask)
+    p = np.array([c.mean(), r.mean(), 1.0])
+    return [float(v) for v in np.asarray(pixel_to_ras).reshape(3, 3) @ p]
+
+
+def _otsu_body(image: np.ndarray) -> np.ndarray:
+    from skimage.filters import threshold_otsu
+
+    if image.max() == image.min():
+        return np.zeros(image.shape, bool)
+    fg = image > threshold_otsu(image)
+    lab, n = ndimage.label(fg, EIGHT)
+    if n == 0:
+        return fg
+    sizes = np.bincount(lab.ravel())[1:]
+    return lab == (1 + int(np.argmax(sizes)))
+
+
+def body_midline_x(pixel_to_ras, body: np.ndarray | None = None, image=None) -> float | None:
+    """RAS x (mm) of the middle of the body's extent on this slice (see module doc)."""
+    if body is None or not body.any():
+        body = _otsu_body(image) if image is not None else None
+    if body is None or not body.any():
+        return None
+    r, c = np.nonzero(body)
+    m = np.asarray(pixel_to_ras).reshape(3, 3)
+    x = m[0, 0] * c + m[0, 1] * r + m[0, 2]
+    return float((x.min() + x.max()) / 2)
+
+
+def laterality(x_ras: float, midline_x: float | None, band_mm: float) -> str | None:
+    """"right" / "left" (patient sides; RAS +x is right) / "midline"; None without a midline."""
+    if midline_x is None:
+        return None
+    if x_ras > midline_x + band_mm:
+        return "right"
+    if x_ras < midline_x - band_mm:
+        return "left"
+    return "midline"
+
+
+def components(label_slice: np.ndarray, names: dict[int, str], spacing_mm,
+               cfg: RegionConfig) -> list[tuple[int, str, np.ndarray]]:
+    """(value, name, (H, W) bool mask) per kept 8-connected component, in value then raster order."""
+    out = []
+    px_mm2 = float(spacing_mm[0]) * float(spacing_mm[1])
+    counts = np.bincount(label_slice.ravel().clip(0))
+    for value in np.flatnonzero(counts):
+        name = names.get(int(value), f"label_{int(value)}")
+        if value == 0 or name in cfg.ignore_labels:
+            continue
+        lab, n = ndimage.label(label_slice == value, EIGHT)
+        sizes = np.bincount(lab.ravel())
+        for k in range(1, n + 1):
+            if sizes[k] * px_mm2 >= cfg.min_area_mm2:
+                out.append((int(value), name, lab == k))
+    return out
+
+
+def region_id(image_id: str, source: str, label: str, bbox, model: str) -> str:
+    """Deterministic id: same image, route, label, box and model → same id."""
+    box = ",".join(f"{v:.2f}" for v in bbox)
+    return hashlib.sha256(f"{image_id}|{source}|{label}|{box}|{model}".encode()).hexdigest()[:24]
+
+
+def region_row(image: dict, label: str, value: int | None, source: str, mask: np.ndarray,
+               bbox, midline_x, cfg: RegionConfig, score=None, segmenter="labels",
+               model_sha=None) -> dict:
+    """One regions-table row for ``mask`` on the images-table row ``image``."""
+    spacing = image["pixel_spacing_mm"]
+    area_px = int(mask.sum())
+    cen = centroid_ras(mask, image["pixel_to_ras"]) if area_px else [float("nan")] * 3
+    return {
+        "region_id": region_id(image["image_id"], source, label, bbox, segmenter),
+        "image_id": image["image_id"], "unit_key": image["unit_key"],
+        "series_key": image["series_key"], "patient_key": image["patient_key"],
+        "split": image["split"], "modality": image["modality"], "plane": image["plane"],
+        "label": label, "label_value": value, "source": source,
+        "bbox": [float(v) for v in bbox], "mask_rle": encode_rle(mask) if area_px else None,
+        "area_px": area_px, "area_mm2": area_px * float(spacing[0]) * float(spacing[1]),
+        "centroid_ras": cen, "max_diameter_mm": max_diameter_mm(mask, spacing),
+        "laterality": laterality(cen[0], midline_x, cfg.midline_band_mm) if area_px else None,
+        "score": None if score is None else float(score), "segmenter": segmenter,
+        "model_sha256": model_sha,
+    }
+
+
+def label_regions(image: dict, label_slice: np.ndarray, names: dict[int, str],
+                  cfg: RegionConfig, pixels: np.ndarray | None = None) -> list[dict]:
+    """The labels route for one image: exact regions from its (H, W) int label slice."""
+    comps = components(label_slice, names, image["pixel_spacing_mm"], cfg)
+    if not comps:
+        return []
+    # label maps keep the most specific label, so the body is every labelled pixel
+    body = label_slice > 0 if "body" in names.values() else None
+    midline = body_midline_x(image["pixel_to_ras"], body, pixels)
+    return [region_row(image, name, value, "labels", mask, bbox_of(mask), midline, cfg)
+            for value, name, mask in comps]
+
+
+def label_prompts(image: dict, label_slice: np.ndarray, names: dict[int, str],
+                  cfg: RegionConfig) -> list[tuple[str, int, list[float]]]:
+    """The boxes route's prompts from a label slice: (label, value, XYXY box) per component."""
+    return [(name, value, bbox_of(mask)) for value, name, mask in
+            components(label_slice, names, image["pixel_spacing_mm"], cfg)]

@@ -1,0 +1,91 @@
+"""Regions from label maps: box convention, RLE, sizes in mm, laterality, phantom ground truth."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from pycocotools import mask as mask_utils
+
+from pipeline.regions import (
+    RegionConfig,
+    bbox_of,
+    components,
+    decode_rle,
+    encode_rle,
+    laterality,
+    max_diameter_mm,
+)
+
+
+def test_bbox_is_pixel_edges_xyxy():
+    m = np.zeros((30, 40), bool)
+    m[5:9, 10:21] = True  # rows 5..8, cols 10..20
+    assert bbox_of(m) == [10.0, 5.0, 21.0, 9.0]
+
+
+def test_rle_is_pycocotools_compatible():
+    rng = np.random.default_rng(0)
+    m = rng.random((37, 23)) > 0.6
+    rle = encode_rle(m)
+    assert rle["size"] == [37, 23] and isinstance(rle["counts"], str)
+    np.testing.assert_array_equal(decode_rle(rle), m)
+    coco = {"size": rle["size"], "counts": rle["counts"].encode()}
+    assert int(mask_utils.area(coco)) == int(m.sum())
+
+
+def test_max_diameter_respects_anisotropic_spacing():
+    m = np.zeros((40, 60), bool)
+    m[10:20, 10:30] = True  # 10 rows x 20 cols
+    d = max_diameter_mm(m, (0.5, 2.0))  # row 0.5 mm, col 2.0 mm
+    assert d == pytest.approx(np.hypot(20 * 2.0, 10 * 0.5))
+    yy, xx = np.mgrid[:101, :101]
+    disk = (yy - 50) ** 2 + (xx - 50) ** 2 <= 40**2  # radius 40 px at 0.25 mm → 20 mm
+    assert 20.0 <= max_diameter_mm(disk, (0.25, 0.25)) <= 20.0 + 0.25 * 1.5
+
+
+def test_fragments_below_min_area_are_dropped():
+    lab = np.zeros((50, 50), np.int32)
+    lab[5:15, 5:15] = 2  # 100 px = 25 mm² at 0.5 mm
+    lab[30:32, 30:32] = 2  # 4 px = 1 mm²: a fragment
+    lab[40:45, 40:45] = 1  # body: ignored by default
+    comps = components(lab, {1: "body", 2: "nodule"}, (0.5, 0.5), RegionConfig(min_area_mm2=4.0))
+    assert [(v, n, int(m.sum())) for v, n, m in comps] == [(2, "nodule", 100)]
+
+
+def test_laterality_sides():
+    assert laterality(30.0, 0.0, 5.0) == "right"  # RAS +x is the patient's right
+    assert laterality(-30.0, 0.0, 5.0) == "left"
+    assert laterality(2.0, 0.0, 5.0) == "midline"
+    assert laterality(2.0, None, 5.0) is None
+
+
+def test_phantom_lesions_match_ground_truth(tmp_path):
+    """Each lesion's region on its central slice: label, side and diameter agree with truth."""
+    from pipeline.phantoms import make_phantoms
+    from workflows.build_corpus import main
+
+    make_phantoms(tmp_path / "ph", patients=3, seed=11)
+    out = tmp_path / "corpus"
+    assert main([str(tmp_path / "ph"), "--out", str(out), "--every-k", "0"]) == 0
+    regions = pq.read_table(out / "regions").to_pylist()
+    images = {r["image_id"]: r for r in pq.read_table(out / "images", columns=[
+        "image_id", "slice_index", "pixel_to_ras", "pixel_spacing_mm"]).to_pylist()}
+    truths = [json.loads(p.read_text()) for p in sorted((tmp_path / "ph").rglob("*_truth.json"))]
+    checked = 0
+    for truth in truths:
+        for lesion in truth["lesions"]:
+            c = np.array(lesion["centre_ras_mm"])
+            near = [r for r in regions if r["label"] == lesion["label"]
+                    and np.linalg.norm(np.array(r["centroid_ras"]) - c) < lesion["diameter_mm"] / 4]
+            assert near, f"no region at lesion {lesion}"
+            best = max(near, key=lambda r: r["max_diameter_mm"])
+            pix = max(images[best["image_id"]]["pixel_spacing_mm"])
+            assert best["laterality"] == lesion["side"]
+            assert abs(best["max_diameter_mm"] - lesion["diameter_mm"]) <= 3 * pix
+            checked += 1
+    assert checked >= 6
+    assert all(r["source"] == "labels" and r["score"] is None for r in regions)
+    assert len({r["region_id"] for r in regions}) == len(regions)
