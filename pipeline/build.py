@@ -93,7 +93,8 @@ def _unit_files(task: UnitTask) -> list[int]:
     return idx
 
 
-def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries, models=None) -> dict:
+def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries, models=None,
+                  seed: int = 0) -> dict:
     files, series, images, regions = [], [], [], []
     for task in tasks:
         res: UnitResult = results[task.unit_key]
@@ -106,7 +107,7 @@ def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries, models=
         images.extend(res.images)
         regions.extend(res.regions)
         if models is not None and res.images:
-            regions.extend(models(res.images, res.prompts))
+            regions.extend(models(res.images, res.prompts, res.regions, seed))
     return {"files": files, "series": series, "images": images, "regions": regions}
 
 
@@ -162,7 +163,7 @@ def _run_units(pending, cfg, deid, entries, markers, on_commit, models) -> None:
         if len(results[k]) == len(by_shard[k]):
             name = shard_name(k)
             markers[name] = commit_shard(cfg.out, name, _shard_tables(
-                k, by_shard[k], results.pop(k), entries, models))
+                k, by_shard[k], results.pop(k), entries, models, cfg.caption_seed))
             on_commit()
 
 

@@ -58,6 +58,7 @@ class BuildConfig:
     slicing: SliceConfig = field(default_factory=SliceConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     regions: RegionConfig = field(default_factory=RegionConfig)
+    caption_seed: int = 0  # picks template variants; same seed → same captions
     execution: ExecConfig = field(default_factory=ExecConfig)
 
     def validate(self) -> None:

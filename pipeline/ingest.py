@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import PIPELINE_VERSION, BuildConfig
 from .deid import Deidentifier
+from .describe import describe_all
 from .dicom_io import dcmread_safe
 from .errors import SKIP_REASONS, IngestError
 from .labels import label_names_from_json, read_nifti_labels
@@ -151,11 +152,15 @@ def _image_row(task, vol: Volume, img, split: str) -> dict:
         "unit_key": task.unit_key, "series_key": m["series_key"],
         "patient_key": m["patient_key"], "study_key": m["study_key"], "split": split,
         "modality": vol.modality, "plane": img.plane, "slice_index": int(img.slice_index),
-        "window": img.window, "height": int(img.height), "width": int(img.width),
+        "window": img.window, "window_min": img.window_min, "window_max": img.window_max,
+        "bits": 16 if img.png[24:25] == b"\x10" else 8,
+        "height": int(img.height), "width": int(img.width),
         "pixel_to_ras": [float(x) for x in np.asarray(img.pixel_to_ras).ravel()],
         "pixel_spacing_mm": [float(x) for x in img.pixel_spacing_mm],
         "slice_thickness_mm": float(img.slice_thickness_mm),
-        "label_values": values, "image": {"bytes": img.png, "path": None},
+        "label_values": values, "contrast": m.get("contrast"), "body_part": m.get("body_part"),
+        "caption_summary": None, "caption_report": None, "caption_version": None,
+        "image": {"bytes": img.png, "path": None},
     }
 
 
@@ -172,21 +177,25 @@ def _slicing_for(vol: Volume, cfg: SliceConfig) -> SliceConfig:
 
 
 def _pixels(png: bytes) -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
-def _propose_from_labels(images, result: UnitResult, names, rcfg: RegionConfig) -> None:
-    """labels route: exact regions; boxes route: component boxes as prompts for the segmenter."""
+def _propose_from_labels(images, result: UnitResult, names, rcfg: RegionConfig) -> dict:
+    """labels route: exact regions; boxes route: component boxes as prompts for the segmenter.
+
+    Returns image_id → decoded pixels of the images it decoded (reused by the captions)."""
+    decoded = {}
     for img, row in zip(images, result.images, strict=True):
         if img.labels is None:
             continue
         if "labels" in rcfg.routes:
-            pixels = None if "body" in names.values() else _pixels(img.png)
+            decoded[row["image_id"]] = pixels = _pixels(img.png)
             result.regions += label_regions(row, img.labels, names, rcfg, pixels)
         if "boxes" in rcfg.routes:
             prompts = label_prompts(row, img.labels, names, rcfg)
             if prompts:
                 result.prompts[row["image_id"]] = prompts
+    return decoded
 
 
 def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
@@ -203,7 +212,9 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
     split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
     images = cut_images(vol, _slicing_for(vol, cfg.slicing))  # 4D: frame cfg.slicing.frame
     result.images = [_image_row(task, vol, img, split) for img in images]
-    _propose_from_labels(images, result, vol.label_names, cfg.regions)
+    decoded = _propose_from_labels(images, result, vol.label_names, cfg.regions)
+    if not {"boxes", "detector"} & set(cfg.regions.routes):  # else the model stage describes
+        describe_all(result.images, result.regions, cfg.caption_seed, decoded)
     result.series = _series_row(task, vol, label_source, split, len(images))
     for idx, _ in task.image_files:
         result.files.setdefault(idx, ("ingested", "ok", None))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .describe import describe_all
 from .regions import RegionConfig, body_midline_x, region_row
 
 
@@ -72,15 +73,20 @@ class ModelStage:
             rows.append(row)
         return rows
 
-    def __call__(self, images: list[dict], prompts: dict[str, list]) -> list[dict]:
+    def __call__(self, images: list[dict], prompts: dict[str, list],
+                 label_rows: list[dict] = (), seed: int = 0) -> list[dict]:
+        """Region rows of the boxes/detector routes; then captions for every image and region
+        (``label_rows`` are the labels-route rows of the same images, captioned in place)."""
         todo = [im for im in images if self.detector is not None or im["image_id"] in prompts]
-        pixels = [decode_png(im) for im in todo]
-        dets = self.detector.predict([_to8(p) for p in pixels]) if self.detector else [None] * len(todo)
+        pixels = {im["image_id"]: decode_png(im) for im in todo}
+        batch = [_to8(pixels[im["image_id"]]) for im in todo]
+        dets = self.detector.predict(batch) if self.detector else [None] * len(todo)
         rows = []
-        for image, px, det in zip(todo, pixels, dets, strict=True):
+        for image, det in zip(todo, dets, strict=True):
             items = self._items(image["image_id"], prompts, det)
             if items:
-                rows += self._rows_for(image, px, items)
+                rows += self._rows_for(image, pixels[image["image_id"]], items)
+        describe_all(images, [*label_rows, *rows], seed, pixels)
         return rows
 
 

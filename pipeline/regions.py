@@ -12,8 +12,8 @@ Rules (documented in docs/architecture.md):
   (anisotropic in-plane spacing respected) — the maximal Feret diameter of the pixelated shape.
 * laterality: patient right when the centroid lies more than ``midline_band_mm`` toward RAS +x
   of the body midline on this slice, left when as far toward −x, else midline. The body
-  midline is the middle of the body's RAS x extent, the body being the ``body`` label when the
-  label map has one, else the largest component above Otsu's threshold of the image.
+  midline is the middle of the body's RAS x extent, the body being the largest component above
+  Otsu's threshold of the stored image (so it can be re-derived from the corpus alone).
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def _otsu_body(image: np.ndarray) -> np.ndarray:
     if n == 0:
         return fg
     sizes = np.bincount(lab.ravel())[1:]
-    return lab == (1 + int(np.argmax(sizes)))
+    # holes filled: dark organs inside the body (lungs in a soft-tissue window) are body too
+    return ndimage.binary_fill_holes(lab == (1 + int(np.argmax(sizes))))
 
 
 def body_midline_x(pixel_to_ras, body: np.ndarray | None = None, image=None) -> float | None:
@@ -186,9 +187,8 @@ def label_regions(image: dict, label_slice: np.ndarray, names: dict[int, str],
     comps = components(label_slice, names, image["pixel_spacing_mm"], cfg)
     if not comps:
         return []
-    # label maps keep the most specific label, so the body is every labelled pixel
-    body = label_slice > 0 if "body" in names.values() else None
-    midline = body_midline_x(image["pixel_to_ras"], body, pixels)
+    # the body comes from the image itself (as the caption checker re-derives it)
+    midline = body_midline_x(image["pixel_to_ras"], None, pixels)
     return [region_row(image, name, value, "labels", mask, bbox_of(mask), midline, cfg)
             for value, name, mask in comps]
 

@@ -132,6 +132,8 @@ class SliceImage:
         slice_thickness_mm: voxel spacing along the plane normal in mm.
         labels: (height, width) int32 label slice in the PNG's display orientation, resized with
             nearest; None when the volume has no labels. Shared by the images of one slice.
+        window_min, window_max: modality values mapped to 0 and to the top grey level, so a
+            pixel v of a b-bit PNG stands for window_min + v / (2**b − 1) · (max − min).
     """
 
     plane: str
@@ -144,6 +146,8 @@ class SliceImage:
     pixel_spacing_mm: tuple[float, float]
     slice_thickness_mm: float
     labels: np.ndarray | None = None
+    window_min: float = 0.0
+    window_max: float = 255.0
 
 
 def select_slices(has_label: np.ndarray, every_k: int) -> np.ndarray:
@@ -365,6 +369,8 @@ def _cut_slice(values, labels, affine, shape, plane, index, specs, cfg) -> list[
             pixel_spacing_mm=spacing,
             slice_thickness_mm=thickness,
             labels=lab,
+            window_min=float(spec.vmin),
+            window_max=float(spec.vmax),
         )
         for spec in specs
     ]

@@ -68,16 +68,43 @@ IMAGES_SCHEMA = pa.schema([
     ("plane", pa.string()),
     ("slice_index", pa.int32()),
     ("window", pa.string()),
+    ("window_min", pa.float64()),
+    ("window_max", pa.float64()),
+    ("bits", pa.int32()),
     ("height", pa.int32()),
     ("width", pa.int32()),
     ("pixel_to_ras", pa.list_(pa.float64())),
     ("pixel_spacing_mm", pa.list_(pa.float64())),
     ("slice_thickness_mm", pa.float64()),
     ("label_values", pa.list_(pa.int32())),
+    ("contrast", pa.bool_()),
+    ("body_part", pa.string()),
+    ("caption_summary", pa.string()),
+    ("caption_report", pa.string()),
+    ("caption_version", pa.string()),
     ("image", IMAGE_STRUCT),
 ])
 
 RLE_STRUCT = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])  # COCO RLE
+
+ATTRIBUTES_STRUCT = pa.struct([  # the checked facts captions are made from (docs/schema.md)
+    ("label", pa.string()),
+    ("is_lesion", pa.bool_()),
+    ("laterality", pa.string()),
+    ("location", pa.string()),
+    ("location_relation", pa.string()),
+    ("max_diameter_mm", pa.float64()),
+    ("size_class", pa.string()),
+    ("intensity_class", pa.string()),
+    ("intensity_value", pa.float64()),
+    ("intensity_unit", pa.string()),
+    ("circularity", pa.float64()),
+    ("elongation", pa.float64()),
+    ("solidity", pa.float64()),
+    ("shape_class", pa.string()),
+    ("modality", pa.string()),
+    ("plane", pa.string()),
+])
 
 REGIONS_SCHEMA = pa.schema([
     ("region_id", pa.string()),
@@ -101,6 +128,11 @@ REGIONS_SCHEMA = pa.schema([
     ("score", pa.float64()),
     ("segmenter", pa.string()),
     ("model_sha256", pa.string()),
+    ("attributes", ATTRIBUTES_STRUCT),
+    ("caption_region", pa.string()),
+    ("negatives", pa.list_(pa.string())),
+    ("negative_kinds", pa.list_(pa.string())),
+    ("caption_version", pa.string()),
 ])
 
 SCHEMAS = {"files": FILES_SCHEMA, "series": SERIES_SCHEMA, "images": IMAGES_SCHEMA,

@@ -62,6 +62,24 @@ def test_laterality_sides():
     assert laterality(2.0, None, 5.0) is None
 
 
+def _check_caption_facts(region, lesion, truth, pix):
+    """The caption attributes agree with the phantom's ground truth."""
+    from pipeline.attributes import load_vocab, size_class
+
+    a, vocab = region["attributes"], load_vocab()
+    assert a["laterality"] == lesion["side"]
+    d = lesion["diameter_mm"]
+    bounds = [lo for _, lo, _ in vocab["size_classes_mm"]]
+    if all(abs(d - b) > 3 * pix for b in bounds):
+        assert a["size_class"] == size_class(d, vocab)
+    host = truth["organ_hu"].get(lesion["organ"])
+    if lesion["organ"] == "liver" and host is not None and abs(lesion["density_hu"] - host) > 25:
+        assert a["intensity_class"] == ("hyper" if lesion["density_hu"] > host else "hypo")
+    if lesion["organ"].startswith("lung"):
+        assert a["intensity_class"] == "hyper" and a["location"] == "lung"
+    assert region["caption_region"] and len(region["negatives"]) >= 3
+
+
 def test_phantom_lesions_match_ground_truth(tmp_path):
     """Each lesion's region on its central slice: label, side and diameter agree with truth."""
     from pipeline.phantoms import make_phantoms
@@ -85,6 +103,7 @@ def test_phantom_lesions_match_ground_truth(tmp_path):
             pix = max(images[best["image_id"]]["pixel_spacing_mm"])
             assert best["laterality"] == lesion["side"]
             assert abs(best["max_diameter_mm"] - lesion["diameter_mm"]) <= 3 * pix
+            _check_caption_facts(best, lesion, truth, pix)
             checked += 1
     assert checked >= 6
     assert all(r["source"] == "labels" and r["score"] is None for r in regions)

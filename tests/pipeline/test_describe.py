@@ -1,0 +1,116 @@
+"""Attributes and captions on hand-made images whose truth is known."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.attributes import derive_attributes, load_vocab
+from pipeline.describe import describe_image
+from pipeline.regions import encode_rle
+from pipeline.windows import apply_window
+
+VOCAB = load_vocab()
+
+
+def _image(hu: np.ndarray, spacing=(0.8, 0.8)) -> tuple[dict, np.ndarray]:
+    """An axial CT images-table row in radiological display: column 0 = patient right."""
+    px = apply_window(hu, 400, 40)
+    h, w = hu.shape
+    # (col, row) → RAS: x decreases with col (right → left), y decreases with row (A → P)
+    m = [[-spacing[1], 0, (w - 1) / 2 * spacing[1]], [0, -spacing[0], (h - 1) / 2 * spacing[0]],
+         [0, 0, 10.0]]
+    row = {"image_id": "img1", "modality": "CT", "plane": "axial", "pixel_to_ras": sum(m, []),
+           "pixel_spacing_mm": list(spacing), "window_min": -160.0, "window_max": 240.0,
+           "slice_thickness_mm": 3.0, "contrast": False, "body_part": None,
+           "image": {"bytes": cv2.imencode(".png", px)[1].tobytes(), "path": None}}
+    return row, px
+
+
+def _body(h=120, w=160) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    hu = np.full((h, w), -1000.0)
+    hu[((yy - h / 2) / (h * 0.45)) ** 2 + ((xx - w / 2) / (w * 0.45)) ** 2 <= 1] = 40.0
+    return hu
+
+
+def _disk(shape, centre, radius) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def _region(rid, label, mask, source="labels") -> dict:
+    return {"region_id": rid, "image_id": "img1", "label": label, "source": source,
+            "mask_rle": encode_rle(mask)}
+
+
+def test_laterality_in_radiological_display():
+    hu = _body()
+    left_cols = _disk(hu.shape, (60, 40), 6)  # image left = patient RIGHT
+    hu[left_cols] = 120.0
+    image, px = _image(hu)
+    (a,) = derive_attributes(image, px, [_region("r", "liver_mass", left_cols)])
+    assert a["laterality"] == "right"
+    regions = [_region("r", "liver_mass", left_cols)]
+    describe_image(image, px, regions)
+    assert "on the right" in regions[0]["caption_region"]
+
+
+def test_size_in_mm_under_anisotropic_spacing():
+    hu = _body()
+    box = np.zeros(hu.shape, bool)
+    box[50:60, 60:80] = True  # 10 rows x 20 cols
+    image, px = _image(hu, spacing=(0.5, 2.0))
+    (a,) = derive_attributes(image, px, [_region("r", "kidney_mass", box)])
+    assert a["max_diameter_mm"] == pytest.approx(np.hypot(20 * 2.0, 10 * 0.5), abs=1e-3)
+    assert a["size_class"] == "large"
+
+
+@pytest.mark.parametrize("lesion_hu,cls", [(120.0, "hyper"), (-20.0, "hypo"), (45.0, "iso")])
+def test_intensity_in_hu(lesion_hu, cls):
+    hu = _body()
+    mask = _disk(hu.shape, (60, 80), 8)
+    hu[mask] = lesion_hu
+    image, px = _image(hu)
+    (a,) = derive_attributes(image, px, [_region("r", "liver_mass", mask)])
+    assert a["intensity_class"] == cls and a["intensity_unit"] == "HU"
+    assert a["intensity_value"] == pytest.approx(lesion_hu, abs=1.0)  # window step is 1.57 HU
+
+
+def test_location_in_organ_with_lesion_carved_out():
+    hu = _body()
+    organ = _disk(hu.shape, (60, 50), 25)
+    lesion = _disk(hu.shape, (60, 50), 5)
+    image, px = _image(hu)
+    regions = [_region("o", "liver", organ & ~lesion), _region("l", "liver_mass", lesion)]
+    attrs = derive_attributes(image, px, regions)
+    assert (attrs[1]["location_relation"], attrs[1]["location"]) == ("in", "liver")
+    assert attrs[0]["location"] is None and not attrs[0]["is_lesion"]
+
+
+def test_negative_that_would_describe_another_region_is_not_used():
+    hu = _body()
+    right = _disk(hu.shape, (60, 40), 5)
+    left = _disk(hu.shape, (60, 120), 5)
+    hu[right | left] = 120.0
+    image, px = _image(hu)
+    regions = [_region("a", "lung_nodule", right), _region("b", "lung_nodule", left)]
+    describe_image(image, px, regions)
+    for r in regions:
+        assert "laterality" not in r["negative_kinds"]  # the flipped side is the other nodule
+        assert len(r["negatives"]) >= 3
+        assert r["caption_region"] not in r["negatives"]
+
+
+def test_captions_are_seeded_and_varied():
+    hu = _body()
+    masks = [_disk(hu.shape, (30 + 12 * k, 40 + 20 * k), 4) for k in range(4)]
+    image, px = _image(hu)
+    runs = []
+    for seed in (0, 0, 1):
+        regions = [_region(f"r{k}", "lung_nodule", m) for k, m in enumerate(masks)]
+        describe_image(dict(image), px, regions, seed=seed)
+        runs.append([r["caption_region"] for r in regions])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2] or len(set(runs[0])) > 1
