@@ -6,7 +6,9 @@ with :func:`pipeline.attributes.derive_attributes`, then:
 * attributes: the stored ``attributes`` struct must equal the re-derived one (classes exactly,
   numbers within 1e-6);
 * region caption: must be the rendering of the re-derived attributes with one of the
-  vocabulary's templates (whichever seed chose it);
+  vocabulary's templates (whichever seed chose it), or — for a paraphrase written by the
+  optional rewriter — must state every re-derived attribute and contradict none
+  (pipeline.rewrite.states_facts);
 * negatives: each must be the rendering, with the caption's own template, of the re-derived
   attributes with exactly the attribute named in ``negative_kinds`` set to another value — so it
   contradicts the region in that attribute and agrees in every other — and its facts must not
@@ -24,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.attributes import derive_attributes, load_vocab
 from pipeline.describe import _changed, _fact, render_region, summary_and_report
 from pipeline.propose import decode_png
+from pipeline.rewrite import states_facts
 
 IMAGE_COLUMNS = ["image_id", "modality", "plane", "pixel_to_ras", "pixel_spacing_mm",
                  "window_min", "window_max", "slice_thickness_mm", "contrast", "body_part",
@@ -80,17 +83,17 @@ def _check_region(region, a, others, vocab, modality, tally, problems) -> None:
                          "stored": region.get("attributes"), "derived": a})
     if a is None:
         return
-    matches = [t for t in _templates(a, vocab)
-               if render_region(a, t, vocab, modality) == region["caption_region"]]
-    if matches:
+    caption = region["caption_region"] or ""
+    matches = [t for t in _templates(a, vocab) if render_region(a, t, vocab, modality) == caption]
+    if matches or states_facts(caption, a, modality, vocab):  # template, or a guarded paraphrase
         tally["captions_agree"] += 1
     else:
         problems.append({"region_id": region["region_id"], "what": "caption",
                          "caption": region["caption_region"]})
-    template = matches[0] if matches else None
     for text, kind in zip(region["negatives"] or [], region["negative_kinds"] or [], strict=True):
         tally["negatives"] += 1
-        if template and _check_negative(text, kind, a, template, others, vocab, modality):
+        if any(_check_negative(text, kind, a, t, others, vocab, modality)
+               for t in (matches or _templates(a, vocab))):
             tally["negatives_contradict"] += 1
         else:
             problems.append({"region_id": region["region_id"], "what": f"negative ({kind})",

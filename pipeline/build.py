@@ -94,7 +94,7 @@ def _unit_files(task: UnitTask) -> list[int]:
 
 
 def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries, models=None,
-                  seed: int = 0) -> dict:
+                  cfg: BuildConfig | None = None) -> dict:
     files, series, images, regions = [], [], [], []
     for task in tasks:
         res: UnitResult = results[task.unit_key]
@@ -107,7 +107,11 @@ def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries, models=
         images.extend(res.images)
         regions.extend(res.regions)
         if models is not None and res.images:
-            regions.extend(models(res.images, res.prompts, res.regions, seed))
+            regions.extend(models(res.images, res.prompts, res.regions, cfg.caption_seed))
+    if cfg is not None and cfg.captioner:  # model work stays out of the forked workers
+        from .rewrite import load_rewriter, rewrite_regions
+
+        rewrite_regions(regions, images, load_rewriter(cfg.captioner, cfg.regions.device))
     return {"files": files, "series": series, "images": images, "regions": regions}
 
 
@@ -163,7 +167,7 @@ def _run_units(pending, cfg, deid, entries, markers, on_commit, models) -> None:
         if len(results[k]) == len(by_shard[k]):
             name = shard_name(k)
             markers[name] = commit_shard(cfg.out, name, _shard_tables(
-                k, by_shard[k], results.pop(k), entries, models, cfg.caption_seed))
+                k, by_shard[k], results.pop(k), entries, models, cfg))
             on_commit()
 
 

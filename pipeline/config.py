@@ -59,6 +59,7 @@ class BuildConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     regions: RegionConfig = field(default_factory=RegionConfig)
     caption_seed: int = 0  # picks template variants; same seed → same captions
+    captioner: str | None = None  # optional hf:LOCAL_PATH paraphraser (guarded; off by default)
     execution: ExecConfig = field(default_factory=ExecConfig)
 
     def validate(self) -> None:
@@ -81,6 +82,10 @@ class BuildConfig:
             raise ValueError(f"--unit-memory-mb {e.unit_memory_mb}: must be >= 256")
         if self.regions.detector and not Path(self.regions.detector).is_file():
             raise ValueError(f"--detector {self.regions.detector}: no such file")
+        if self.captioner and not (self.captioner.startswith("hf:")
+                                   and Path(self.captioner[3:]).is_dir()):
+            raise ValueError(f"--captioner {self.captioner}: expected hf:LOCAL_FOLDER "
+                             "(a transformers causal LM saved on this machine)")
         if e.executor not in ("local",):
             raise ValueError(f"--executor {e.executor}: choose from local")
 

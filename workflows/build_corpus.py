@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-mask-score", type=float, default=0.0,
                    help="drop segmenter masks whose predicted IoU is below this")
     p.add_argument("--device", default="cpu", help="model stage device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--caption-seed", type=int, default=0, help="caption phrasing variant seed")
+    p.add_argument("--captioner", help="optional hf:LOCAL_PATH causal LM paraphraser (guarded)")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios per patient")
     p.add_argument("--workers", type=int, default=0, help="parallel series (0 = CPU count)")
     p.add_argument("--units-per-shard", type=int, default=8, help="series per shard")
@@ -78,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(
         sources=tuple(args.sources), out=args.out, key_file=args.key_file,
         read=ReadConfig(min_slices=args.min_slices, allow_burned_in=args.allow_burned_in),
-        slicing=slicing, regions=regions, split=SplitConfig(ratios=_floats(args.split, "--split")),
+        slicing=slicing, regions=regions, caption_seed=args.caption_seed,
+        captioner=args.captioner, split=SplitConfig(ratios=_floats(args.split, "--split")),
         execution=ExecConfig(workers=args.workers, units_per_shard=args.units_per_shard,
                              unit_timeout_s=args.unit_timeout,
                              unit_memory_mb=args.unit_memory_mb),
