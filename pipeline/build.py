@@ -1,56 +1,40 @@
 """The build-corpus run: discover → scan headers → group → process units → commit shards.
 
 Shards are committed as soon as all their units are done; a rerun of the same command skips
-committed shards (resume). The manifest is rewritten after every commit.
+committed shards (resume). The manifest is rewritten atomically after every commit and lists
+committed shards only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import sys
 import time
 import warnings
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 from .config import PIPELINE_VERSION, BuildConfig
 from .deid import Deidentifier
 from .dicom_io import missing_decoders
 from .discover import FileEntry, scan_headers, walk
-from .errors import IngestError
-from .ingest import UnitResult, UnitTask, process_unit
+from .execute import progress, run_local, run_ray, workers
 from .isolate import run_isolated
+from .shards import ShardWork, file_row, table_stats, unit_files
 from .units import group_units
 from .write import commit_shard, committed_shards, shard_name, write_manifest
 
 log = logging.getLogger("regioncorpus")
 
 
-_last_print = [0.0]
-
-
-def _progress(stage: str, done: int, total: int, t0: float) -> None:
-    """One progress line per second at most (and the final one), on stderr."""
-    now = time.monotonic()
-    if done < total and now - _last_print[0] < 1.0:
-        return
-    _last_print[0] = now
-    rate = done / max(1e-9, now - t0)
-    eta = (total - done) / rate if rate > 0 else 0.0
-    print(f"[{stage}] {done}/{total} ({rate:.1f}/s, eta {eta:.0f} s)", file=sys.stderr,
-          flush=True)
-
-
 def _scan(entries: list[FileEntry], cfg: BuildConfig) -> None:
+    """Header scan in isolated batches (a crashing header parse costs its batch, not the run)."""
     todo = [e for e in entries if e.kind == "dicom" and not e.status]
-    batches = [todo[i:i + cfg.execution.header_batch]
-               for i in range(0, len(todo), cfg.execution.header_batch)]
+    size = cfg.execution.header_batch
+    batches = [todo[i:i + size] for i in range(0, len(todo), size)]
     t0, done = time.monotonic(), 0
-    for i, status, value in run_isolated(scan_headers, batches, _workers(cfg),
+    for i, status, value in run_isolated(scan_headers, batches, workers(cfg),
                                          cfg.execution.unit_timeout_s,
                                          cfg.execution.unit_memory_mb << 20):
         if status == "ok":
@@ -61,58 +45,7 @@ def _scan(entries: list[FileEntry], cfg: BuildConfig) -> None:
                 entries[e.index].status, entries[e.index].reason = "quarantined", value.reason
                 entries[e.index].error = value.problem
         done += len(batches[i])
-        _progress("headers", done, len(todo), t0)
-
-
-def _workers(cfg: BuildConfig) -> int:
-    return cfg.execution.workers or os.cpu_count() or 1
-
-
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-def scrub(text: str | None, e: FileEntry) -> str | None:
-    """Remove anything path-like or quoted from an error message before it is written: folder
-    and file names may be patient names, and library messages may quote header values."""
-    if not text:
-        return text
-    for part in sorted({str(e.path), str(e.path.resolve()), e.rel, e.path.name},
-                       key=len, reverse=True):
-        text = text.replace(part, "<path>")
-    return _QUOTED.sub("<value>", text)[:500]
-
-
-def _file_row(e: FileEntry, shard, unit_key, status, reason, error) -> dict:
-    return {"file_key": e.file_key, "shard": shard, "unit_key": unit_key, "kind": e.kind,
-            "status": status, "reason": reason, "error": scrub(error, e), "size_bytes": e.size}
-
-
-def _unit_files(task: UnitTask) -> list[int]:
-    idx = [i for i, _ in task.image_files]
-    idx += [f[0] for f in (task.label_file, task.names_file) if f]
-    return idx
-
-
-def _shard_tables(k: int, tasks: list[UnitTask], results: dict, entries, models=None,
-                  cfg: BuildConfig | None = None) -> dict:
-    files, series, images, regions = [], [], [], []
-    for task in tasks:
-        res: UnitResult = results[task.unit_key]
-        for idx in _unit_files(task):
-            status, reason, error = res.files.get(
-                idx, ("quarantined", "internal", "no outcome recorded for this file"))
-            files.append(_file_row(entries[idx], k, task.unit_key, status, reason, error))
-        if res.series:
-            series.append(res.series)
-        images.extend(res.images)
-        regions.extend(res.regions)
-        if models is not None and res.images:
-            regions.extend(models(res.images, res.prompts, res.regions, cfg.caption_seed))
-    if cfg is not None and cfg.captioner:  # model work stays out of the forked workers
-        from .rewrite import load_rewriter, rewrite_regions
-
-        rewrite_regions(regions, images, load_rewriter(cfg.captioner, cfg.regions.device))
-    return {"files": files, "series": series, "images": images, "regions": regions}
+        progress("headers", done, len(todo), t0)
 
 
 def _check_out_dir(out: Path, config_hash: str) -> None:
@@ -124,62 +57,22 @@ def _check_out_dir(out: Path, config_hash: str) -> None:
                              f"(config hash {old}, now {config_hash}); choose a new --out")
 
 
-def _summarize(entries, markers, cfg, deid, timings) -> dict:
-    status = Counter()
-    reasons = Counter()
-    import pyarrow.parquet as pq
-
-    for marker in markers.values():
-        t = marker["tables"].get("files")
-        if t:
-            table = pq.read_table(cfg.out / t["file"], columns=["status", "reason"])
-            for s, r in zip(table["status"].to_pylist(), table["reason"].to_pylist(), strict=True):
-                status[s] += 1
-                if s == "quarantined":
-                    reasons[r] += 1
-    rows = {tbl: sum(m["tables"][tbl]["rows"] for m in markers.values() if tbl in m["tables"])
-            for tbl in ("files", "series", "images", "regions")}
+def summarize(n_found: int, markers: dict, cfg: BuildConfig, deid, timings, extra) -> dict:
+    """The manifest: counts summed from the commit markers (no table is re-read)."""
+    status, reasons = Counter(), Counter()
+    for m in markers.values():
+        status.update(m.get("stats", {}).get("status", {}))
+        reasons.update(m.get("stats", {}).get("quarantined_by_reason", {}))
+    rows = {t: sum(m["tables"][t]["rows"] for m in markers.values() if t in m["tables"])
+            for t in ("files", "series", "images", "regions")}
     return {
         "pipeline_version": PIPELINE_VERSION, "config_hash": cfg.config_hash(),
-        "deid_key_id": deid.key_id, "found": len(entries), "ingested": status["ingested"],
+        "deid_key_id": deid.key_id, "found": n_found, "ingested": status["ingested"],
         "quarantined": status["quarantined"], "skipped": status["skipped"],
         "quarantined_by_reason": dict(sorted(reasons.items())), "rows": rows,
         "shards": {k: markers[k] for k in sorted(markers)}, "timings_s": timings,
-        "complete": rows["files"] == len(entries),
+        "complete": rows["files"] == n_found, **extra,
     }
-
-
-def _run_units(pending, cfg, deid, entries, markers, on_commit, models) -> None:
-    flat = [(k, t) for k, tasks in pending for t in tasks]
-    by_shard = {k: tasks for k, tasks in pending}
-    results: dict[int, dict] = {k: {} for k, _ in pending}
-    fn = partial(_process, cfg=cfg, deid=deid)
-    t0, done = time.monotonic(), 0
-    for i, status, value in run_isolated(fn, [t for _, t in flat], _workers(cfg),
-                                         cfg.execution.unit_timeout_s,
-                                         cfg.execution.unit_memory_mb << 20):
-        k, task = flat[i]
-        if status != "ok":
-            value = _failed_unit(task, value)
-        results[k][task.unit_key] = value
-        done += 1
-        _progress("series", done, len(flat), t0)
-        if len(results[k]) == len(by_shard[k]):
-            name = shard_name(k)
-            markers[name] = commit_shard(cfg.out, name, _shard_tables(
-                k, by_shard[k], results.pop(k), entries, models, cfg))
-            on_commit()
-
-
-def _process(task, cfg, deid):
-    return process_unit(task, cfg, deid)
-
-
-def _failed_unit(task: UnitTask, err: IngestError) -> UnitResult:
-    res = UnitResult(task.unit_key)
-    for idx in _unit_files(task):
-        res.files[idx] = ("quarantined", err.reason, err.problem)
-    return res
 
 
 def quiet_libraries() -> None:
@@ -190,6 +83,34 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*VR .*")
 
 
+def _discover(cfg: BuildConfig, deid: Deidentifier):
+    entries = walk(cfg.sources, deid)
+    _scan(entries, cfg)
+    missing = missing_decoders(e.header.transfer_syntax for e in entries if e.header)
+    if missing:
+        log.warning("no installed decoder for: %s (those files will be quarantined)",
+                    ", ".join(f"{v} ({k})" for k, v in missing.items()))
+    return entries, group_units(entries, deid), missing
+
+
+def _works(entries, tasks, cfg) -> list[ShardWork]:
+    n = cfg.execution.units_per_shard
+    out = []
+    for k, i in enumerate(range(0, len(tasks), n)):
+        chunk = tasks[i:i + n]
+        out.append(ShardWork(k, chunk, {j: entries[j] for t in chunk for j in unit_files(t)}))
+    return out
+
+
+def _provenance(cfg: BuildConfig) -> dict:
+    from .attributes import load_vocab
+    from .config import file_sha256
+
+    return {"caption_version": load_vocab()["version"], "executor": cfg.execution.executor,
+            "routes": list(cfg.regions.routes), "segmenter": cfg.regions.segmenter,
+            "detector_sha256": file_sha256(cfg.regions.detector) if cfg.regions.detector else None}
+
+
 def build(cfg: BuildConfig) -> dict:
     """Run a whole build; returns the manifest (also written to ``cfg.out/manifest.json``)."""
     cfg.validate()
@@ -198,37 +119,28 @@ def build(cfg: BuildConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     _check_out_dir(cfg.out, cfg.config_hash())
     timings, t = {}, time.monotonic()
-    entries = walk(cfg.sources, deid)
-    _scan(entries, cfg)
-    missing = missing_decoders(e.header.transfer_syntax for e in entries if e.header)
-    if missing:
-        log.warning("no installed decoder for: %s (those files will be quarantined)",
-                    ", ".join(f"{v} ({k})" for k, v in missing.items()))
-    tasks = group_units(entries, deid)
+    entries, tasks, missing = _discover(cfg, deid)
     timings["discover"] = round(time.monotonic() - t, 3)
     markers = committed_shards(cfg.out)
-    in_units = {i for task in tasks for i in _unit_files(task)}
+    in_units = {i for task in tasks for i in unit_files(task)}
     if "discovery" not in markers:
-        rows = [_file_row(e, None, None, e.status, e.reason, e.error)
-                for e in entries if e.index not in in_units]
-        markers["discovery"] = commit_shard(cfg.out, "discovery", {"files": rows})
-    n = cfg.execution.units_per_shard
-    shards = [(k, tasks[i:i + n]) for k, i in enumerate(range(0, len(tasks), n))]
-    pending = [(k, ts) for k, ts in shards if shard_name(k) not in markers]
-    print(f"{len(entries)} files, {len(tasks)} series in {len(shards)} shards "
-          f"({len(shards) - len(pending)} already committed)", file=sys.stderr)
+        rows = {"files": [file_row(e, None, None, e.status, e.reason, e.error)
+                          for e in entries if e.index not in in_units]}
+        markers["discovery"] = commit_shard(cfg.out, "discovery", rows, table_stats(rows))
+    works = _works(entries, tasks, cfg)
+    pending = [w for w in works if shard_name(w.k) not in markers]
+    print(f"{len(entries)} files, {len(tasks)} series in {len(works)} shards "
+          f"({len(works) - len(pending)} already committed)", file=sys.stderr)
+    extra = {"missing_decoders": missing, **_provenance(cfg)}
+
+    def on_marker(marker: dict) -> None:
+        markers[marker["shard"]] = marker
+        write_manifest(cfg.out, summarize(len(entries), markers, cfg, deid, timings, extra))
+
     t = time.monotonic()
-
-    def write() -> None:
-        write_manifest(cfg.out, _summarize(entries, markers, cfg, deid, timings))
-
-    models = None
-    if pending and {"boxes", "detector"} & set(cfg.regions.routes):
-        from .propose import ModelStage
-
-        models = ModelStage(cfg.regions)  # loaded once, in this process; children never use it
-    _run_units(pending, cfg, deid, entries, markers, write, models)
+    run = run_ray if cfg.execution.executor == "ray" else run_local
+    run(pending, cfg, deid, on_marker)
     timings["series"] = round(time.monotonic() - t, 3)
-    manifest = _summarize(entries, markers, cfg, deid, timings)
+    manifest = summarize(len(entries), markers, cfg, deid, timings, extra)
     write_manifest(cfg.out, manifest)
     return manifest

@@ -31,8 +31,12 @@ def file_sha256(path) -> str:
 class ExecConfig:
     """How the build runs."""
 
-    executor: str = "local"  # "local": forked worker processes on this machine
-    workers: int = 0  # concurrent units; 0 = one per CPU core
+    executor: str = "ray"  # "ray": Ray Data (embedded, or --address); "local": in-process
+    address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None = embedded
+    workers: int = 0  # concurrent units (local) / CPUs of the embedded Ray; 0 = CPU count
+    model_actors: int = 1  # model-stage actors (one per GPU on a cluster)
+    gpus_per_actor: float = -1.0  # -1: 1 when --device is cuda, else 0
+    max_retries: int = 1  # Ray task retries / actor restarts (never infinite)
     units_per_shard: int = 8  # series per committed shard (the unit of commit and resume)
     unit_timeout_s: float = 600.0  # wall-clock limit to read + cut one series
     unit_memory_mb: int = 8192  # address-space cap for one series' worker (decoder blow-ups)
@@ -86,8 +90,14 @@ class BuildConfig:
                                    and Path(self.captioner[3:]).is_dir()):
             raise ValueError(f"--captioner {self.captioner}: expected hf:LOCAL_FOLDER "
                              "(a transformers causal LM saved on this machine)")
-        if e.executor not in ("local",):
-            raise ValueError(f"--executor {e.executor}: choose from local")
+        if e.executor not in ("local", "ray"):
+            raise ValueError(f"--executor {e.executor}: choose from ray, local")
+        if e.address and e.executor != "ray":
+            raise ValueError(f"--address {e.address}: needs --executor ray")
+        if e.model_actors < 1:
+            raise ValueError(f"--model-actors {e.model_actors}: must be >= 1")
+        if e.max_retries < 0:
+            raise ValueError(f"--max-retries {e.max_retries}: must be >= 0")
 
     def config_hash(self) -> str:
         """Hash of everything that changes outputs (not paths, not worker counts)."""

@@ -8,6 +8,7 @@ one item each; at most ``workers`` run at once. Results come back pickled throug
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -32,6 +33,7 @@ def _vm_size_bytes() -> int:
 
 
 def _child(fn, item, conn, mem_bytes: int) -> None:
+    faulthandler.disable()  # a crash in a decoder is reported as a row, not a stack dump
     try:
         if mem_bytes > 0:
             limit = _vm_size_bytes() + mem_bytes  # the cap is on top of what fork inherited

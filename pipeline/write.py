@@ -177,17 +177,18 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
 
 
-def commit_shard(out: Path, name: str, tables: dict[str, list[dict]]) -> dict:
+def commit_shard(out: Path, name: str, tables: dict[str, list[dict]],
+                 stats: dict | None = None) -> dict:
     """Write every table of shard ``name`` and then its commit marker. Returns the marker."""
     files = {t: write_table(out / t / f"{name}.parquet", rows, t) for t, rows in tables.items()}
-    marker = {"shard": name, "tables": files}
+    marker = {"shard": name, "tables": files, "stats": stats or {}}
     (out / "_commits").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "_commits" / f"{name}.json", json.dumps(marker, indent=1).encode())
     return marker
 
 
 def committed_shards(out: Path) -> dict[str, dict]:
-    """Markers of shards whose files all exist with the recorded sha256."""
+    """Markers of shards whose files all exist (a marker is written only after its files)."""
     done = {}
     for marker_path in sorted((out / "_commits").glob("*.json")):
         marker = json.loads(marker_path.read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-seed", type=int, default=0, help="caption phrasing variant seed")
     p.add_argument("--captioner", help="optional hf:LOCAL_PATH causal LM paraphraser (guarded)")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios per patient")
+    p.add_argument("--executor", choices=("ray", "local"),
+                   help="ray (Ray Data; embedded unless --address; the default) or local "
+                   "(in-process); $REGIONCORPUS_EXECUTOR sets the default when --address is absent")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto or ray://head:10001")
+    p.add_argument("--model-actors", type=int, default=1, help="model-stage actors (per GPU)")
+    p.add_argument("--gpus-per-actor", type=float, default=-1.0,
+                   help="GPUs per model actor (-1: 1 when --device is cuda)")
+    p.add_argument("--max-retries", type=int, default=1, help="Ray task retries (never infinite)")
     p.add_argument("--workers", type=int, default=0, help="parallel series (0 = CPU count)")
     p.add_argument("--units-per-shard", type=int, default=8, help="series per shard")
     p.add_argument("--unit-timeout", type=float, default=600.0, help="seconds per series")
@@ -66,6 +75,12 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"{flag} {text}: expected comma-separated numbers") from None
+
+
+def _executor(args: argparse.Namespace) -> str:
+    if args.executor:
+        return args.executor
+    return "ray" if args.address else os.environ.get("REGIONCORPUS_EXECUTOR", "ray")
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
@@ -82,7 +97,10 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         read=ReadConfig(min_slices=args.min_slices, allow_burned_in=args.allow_burned_in),
         slicing=slicing, regions=regions, caption_seed=args.caption_seed,
         captioner=args.captioner, split=SplitConfig(ratios=_floats(args.split, "--split")),
-        execution=ExecConfig(workers=args.workers, units_per_shard=args.units_per_shard,
+        execution=ExecConfig(executor=_executor(args), address=args.address,
+                             model_actors=args.model_actors, gpus_per_actor=args.gpus_per_actor,
+                             max_retries=args.max_retries,
+                             workers=args.workers, units_per_shard=args.units_per_shard,
                              unit_timeout_s=args.unit_timeout,
                              unit_memory_mb=args.unit_memory_mb),
     )

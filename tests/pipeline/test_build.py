@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pydicom
 import pytest
-from conftest import PHI, ramp_volume, write_series
+from factories import PHI, ramp_volume, write_series
 
 from pipeline.write import FILES_SCHEMA, IMAGES_SCHEMA, SERIES_SCHEMA
 from workflows.build_corpus import main

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pydicom
 import pytest
-from conftest import PHI, ct_slice
+from factories import PHI, ct_slice
 from pydicom.data import get_testdata_file
 
 from pipeline.deid import Deidentifier, burned_in_risk, clean_dicom_meta, load_key

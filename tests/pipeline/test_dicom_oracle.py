@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import ramp_volume, write_series
+from factories import ramp_volume, write_series
 from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,

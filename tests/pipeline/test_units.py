@@ -7,7 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
-from conftest import ramp_volume, write_series
+from factories import ramp_volume, write_series
 from test_labels import Series, contour, make_rtstruct, square
 
 from workflows.build_corpus import main

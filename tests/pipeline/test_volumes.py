@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pydicom
 import pytest
-from conftest import ramp_volume, write_series
+from factories import ramp_volume, write_series
 
 from pipeline.errors import IngestError
 from pipeline.volumes import ReadConfig, read_volume

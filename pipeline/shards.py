@@ -1,0 +1,102 @@
+"""Shard assembly shared by every executor: unit results → table rows → committed shard.
+
+A shard payload (:class:`ShardWork`) carries everything a worker needs to process and commit
+shard k on its own: the unit tasks and the discovery entries of their files. ``finish_shard``
+turns unit results into rows (files, series, images, regions), runs the model stage and the
+optional rewriter where they are given, and commits through ``pipeline.write.commit_shard``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .config import BuildConfig
+from .discover import FileEntry
+from .errors import IngestError
+from .ingest import UnitResult, UnitTask
+from .write import commit_shard, shard_name
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+@dataclass
+class ShardWork:
+    """Shard k: its unit tasks and the entries of the files they account for."""
+
+    k: int
+    tasks: list[UnitTask]
+    entries: dict[int, FileEntry]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.k)
+
+
+def scrub(text: str | None, e: FileEntry) -> str | None:
+    """Remove anything path-like or quoted from an error message before it is written: folder
+    and file names may be patient names, and library messages may quote header values."""
+    if not text:
+        return text
+    for part in sorted({str(e.path), str(e.path.resolve()), e.rel, e.path.name},
+                       key=len, reverse=True):
+        text = text.replace(part, "<path>")
+    return _QUOTED.sub("<value>", text)[:500]
+
+
+def file_row(e: FileEntry, shard, unit_key, status, reason, error) -> dict:
+    return {"file_key": e.file_key, "shard": shard, "unit_key": unit_key, "kind": e.kind,
+            "status": status, "reason": reason, "error": scrub(error, e), "size_bytes": e.size}
+
+
+def unit_files(task: UnitTask) -> list[int]:
+    """File indexes a unit accounts for: its images, then its label and names files."""
+    idx = [i for i, _ in task.image_files]
+    idx += [f[0] for f in (task.label_file, task.names_file) if f]
+    return idx
+
+
+def failed_unit(task: UnitTask, err: IngestError) -> UnitResult:
+    """A unit whose worker died or timed out: every file of it quarantined with the reason."""
+    res = UnitResult(task.unit_key)
+    for idx in unit_files(task):
+        res.files[idx] = ("quarantined", err.reason, err.problem)
+    return res
+
+
+def shard_tables(work: ShardWork, results: dict[str, UnitResult], cfg: BuildConfig,
+                 models=None) -> dict[str, list[dict]]:
+    """Rows of every table for shard ``work`` (units in shard order, deterministic)."""
+    files, series, images, regions = [], [], [], []
+    for task in work.tasks:
+        res = results[task.unit_key]
+        for idx in unit_files(task):
+            status, reason, error = res.files.get(
+                idx, ("quarantined", "internal", "no outcome recorded for this file"))
+            files.append(file_row(work.entries[idx], work.k, task.unit_key, status, reason, error))
+        if res.series:
+            series.append(res.series)
+        images.extend(res.images)
+        regions.extend(res.regions)
+        if models is not None and res.images:
+            regions.extend(models(res.images, res.prompts, res.regions, cfg.caption_seed))
+    if cfg.captioner:  # model work stays out of the forked ingest workers
+        from .rewrite import load_rewriter, rewrite_regions
+
+        rewrite_regions(regions, images, load_rewriter(cfg.captioner, cfg.regions.device))
+    return {"files": files, "series": series, "images": images, "regions": regions}
+
+
+def table_stats(tables: dict[str, list[dict]]) -> dict:
+    """Counts the manifest sums up: files by status and quarantine reason."""
+    status = Counter(r["status"] for r in tables.get("files", []))
+    reasons = Counter(r["reason"] for r in tables.get("files", []) if r["status"] == "quarantined")
+    return {"status": dict(status), "quarantined_by_reason": dict(reasons)}
+
+
+def finish_shard(work: ShardWork, results: dict[str, UnitResult], cfg: BuildConfig,
+                 models=None) -> dict:
+    """Build the rows of shard ``work`` and commit them; returns the commit marker."""
+    tables = shard_tables(work, results, cfg, models)
+    return commit_shard(cfg.out, work.name, tables, table_stats(tables))
