@@ -253,5 +253,8 @@ def hash_bytes_only(corpus: Corpus) -> pl.DataFrame:
 
 
 def verify_captions(corpus: Corpus, **kwargs) -> dict:
-    """Placeholder: caption checks are written by the lead (issue 4)."""
-    raise NotImplementedError("issue 4")
+    """Re-derive every checkable caption attribute from the stored corpus and report agreement
+    (see catalogs.captions.verify_captions)."""
+    from catalogs.captions import verify_captions as check
+
+    return check(corpus.root, **kwargs)

@@ -84,13 +84,13 @@ def quiet_libraries() -> None:
 
 
 def _discover(cfg: BuildConfig, deid: Deidentifier):
-    entries = walk(cfg.sources, deid)
+    entries = walk([*cfg.sources, *(root for _, root in cfg.collections)], deid)
     _scan(entries, cfg)
     missing = missing_decoders(e.header.transfer_syntax for e in entries if e.header)
     if missing:
         log.warning("no installed decoder for: %s (those files will be quarantined)",
                     ", ".join(f"{v} ({k})" for k, v in missing.items()))
-    return entries, group_units(entries, deid), missing
+    return entries, group_units(entries, deid, cfg.collections), missing
 
 
 def _works(entries, tasks, cfg) -> list[ShardWork]:

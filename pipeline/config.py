@@ -58,6 +58,7 @@ class BuildConfig:
     sources: tuple[Path, ...]  # source roots (folders or files)
     out: Path  # corpus directory
     key_file: Path | None = None  # de-identification key file (else $REGIONCORPUS_KEY / default)
+    collections: tuple[tuple[str, Path], ...] = ()  # (layout name, root): catalogs/sources
     read: ReadConfig = field(default_factory=ReadConfig)
     slicing: SliceConfig = field(default_factory=SliceConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -67,8 +68,18 @@ class BuildConfig:
     execution: ExecConfig = field(default_factory=ExecConfig)
 
     def validate(self) -> None:
-        if not self.sources:
-            raise ValueError("SOURCE: give at least one source folder")
+        if not self.sources and not self.collections:
+            raise ValueError("SOURCE: give at least one source folder (or --collection)")
+        if self.collections:
+            from catalogs.sources import load_sources
+
+            known = load_sources()
+            for name, root in self.collections:
+                if name not in known:
+                    raise ValueError(f"--collection {name}: unknown layout; known: "
+                                     f"{', '.join(sorted(known))}")
+                if not Path(root).is_dir():
+                    raise ValueError(f"--collection {name} {root}: no such folder")
         for s in self.sources:
             if not Path(s).exists():
                 raise ValueError(f"SOURCE {s}: no such file or directory")
@@ -102,7 +113,7 @@ class BuildConfig:
     def config_hash(self) -> str:
         """Hash of everything that changes outputs (not paths, not worker counts)."""
         d = asdict(self)
-        for k in ("sources", "out", "key_file", "execution"):
+        for k in ("sources", "out", "key_file", "execution", "collections"):
             d.pop(k)
         d["units_per_shard"] = self.execution.units_per_shard
         d["regions"].pop("device")

@@ -20,7 +20,7 @@ from .deid import Deidentifier
 from .describe import describe_all
 from .dicom_io import dcmread_safe
 from .errors import SKIP_REASONS, IngestError
-from .labels import label_names_from_json, read_nifti_labels
+from .labels import label_names_from_json, read_mask_folder, read_nifti_labels
 from .labels_dicom import rasterize_rtstruct, read_dicom_seg
 from .regions import RegionConfig, label_prompts, label_regions
 from .slicing import SliceConfig, cut_images
@@ -36,7 +36,10 @@ class UnitTask:
     kind: str  # dicom | nifti
     image_files: list[tuple[int, Path]]  # (file index, path)
     label_file: tuple[int, Path] | None = None
-    label_kind: str | None = None  # nifti | rtstruct | seg
+    label_kind: str | None = None  # nifti | rtstruct | seg | masks
+    mask_files: list[tuple[int, Path]] = field(default_factory=list)  # label_kind "masks"
+    names: dict[int, str] | None = None  # label names given by a collection layout
+    label_shared: bool = False  # label file accounted for by another unit (multi-channel)
     names_file: tuple[int, Path] | None = None
     identity: str = ""  # NIfTI pseudonym input
     modality: str | None = None  # collection-provided modality for NIfTI
@@ -98,20 +101,26 @@ def _attach_labels(task: UnitTask, vol: Volume, result: UnitResult) -> str:
         return "none"
     idx, path = task.label_file
     try:
-        if task.label_kind == "nifti":
-            names = label_names_from_json(task.names_file[1]) if task.names_file else None
+        if task.label_kind == "masks":
+            labels, names = read_mask_folder([p for _, p in task.mask_files], vol, task.names)
+        elif task.label_kind == "nifti":
+            names = task.names
+            if task.names_file:
+                names = label_names_from_json(task.names_file[1])
             labels, names = read_nifti_labels(path, vol, names)
         else:
             ds = dcmread_safe(path)
             reader = rasterize_rtstruct if task.label_kind == "rtstruct" else read_dicom_seg
             labels, names = reader(ds, vol)
     except IngestError as e:
-        result.files[idx] = ("quarantined", e.reason, e.problem)
+        for j, _ in task.mask_files or [task.label_file]:
+            result.files[j] = ("quarantined", e.reason, e.problem)
         if task.names_file:
             result.files[task.names_file[0]] = ("skipped", "sidecar", "its label map was refused")
         return "none"
     vol.labels, vol.label_names = labels, names
-    result.files[idx] = ("ingested", "ok", None)
+    for j, _ in task.mask_files or [task.label_file]:
+        result.files[j] = ("ingested", "ok", None)
     if task.names_file:
         result.files[task.names_file[0]] = ("ingested", "sidecar", None)
     return task.label_kind

@@ -251,3 +251,26 @@ def referenced_series_uid(ds) -> str | None:
         if uid:
             return uid
     return None
+
+
+def read_mask_folder(paths: list[Path], volume: Volume, names: dict[int, str] | None = None
+                     ) -> tuple[np.ndarray, dict[int, str]]:
+    """Merge one binary NIfTI mask per structure (TotalSegmentator layout) into a label map on
+    the canonical grid of ``volume``: mask i (paths in the given order) → value i + 1, later
+    masks win where they overlap. Returns ((X, Y, Z) int32, names of values present)."""
+    merged, affine = None, None
+    for value, path in enumerate(paths, start=1):
+        data, aff = _load_label_nifti(path)
+        if merged is None:
+            merged, affine = np.zeros(data.shape, np.int32), aff
+        elif data.shape != merged.shape or not np.allclose(aff, affine, atol=1e-3):
+            raise IngestError("label_mismatch", f"mask grid {data.shape} differs from the "
+                              f"first mask's {merged.shape}", path)
+        merged[data > 0] = value
+    if merged is None:
+        raise IngestError("bad_label", "no masks to merge", None)
+    merged, affine = to_canonical(merged, affine)
+    _check_grid(merged.shape, affine, volume, paths[0])
+    present = [int(v) for v in np.flatnonzero(np.bincount(merged.ravel())) if v]
+    given = names or {}
+    return merged, {v: given.get(v) or f"label_{v}" for v in present}

@@ -53,7 +53,14 @@ def file_row(e: FileEntry, shard, unit_key, status, reason, error) -> dict:
 def unit_files(task: UnitTask) -> list[int]:
     """File indexes a unit accounts for: its images, then its label and names files."""
     idx = [i for i, _ in task.image_files]
-    idx += [f[0] for f in (task.label_file, task.names_file) if f]
+    if task.label_shared:
+        pass
+    elif task.mask_files:
+        idx += [i for i, _ in task.mask_files]
+    elif task.label_file:
+        idx.append(task.label_file[0])
+    if task.names_file:
+        idx.append(task.names_file[0])
     return idx
 
 

@@ -125,13 +125,56 @@ def _settle_sidecars(entries, tasks) -> None:
             e.status, e.reason, e.error = "skipped", "sidecar", "JSON not used as a names file"
 
 
-def group_units(entries: list[FileEntry], deid: Deidentifier) -> list[UnitTask]:
-    """Units sorted by ``unit_key`` (path-independent, so sharding does not leak order)."""
-    tasks = {**_dicom_tasks(entries, deid), **_nifti_tasks(entries, deid)}
+def collection_tasks(entries: list[FileEntry], deid: Deidentifier, collections) -> dict:
+    """Units of ``--collection NAME PATH`` roots, paired by the layout's own rules
+    (catalogs/sources/*.json). Their files are marked consumed for the generic rules."""
+    from catalogs.sources import get_source
+
+    by_path = {e.path.resolve(): e for e in entries}
+    tasks, used = {}, set()
+    for name, root in collections:
+        for pair in get_source(name).pairs(root):
+            image = by_path.get(Path(pair.image_path).resolve())
+            labels = [by_path.get(Path(p).resolve()) for p in pair.label_paths]
+            if image is None or image.status or any(lab is None for lab in labels):
+                continue
+            ident = _nifti_identity(image)
+            key = deid.pseudonym("unit", f"nifti:{ident}|{image.rel}")
+            task = UnitTask(key, "nifti", [(image.index, image.path)], identity=ident,
+                            modality=pair.modality, names=pair.names or None)
+            # multi-channel cases (nnU-Net channels, BraTS sequences) share one label map: every
+            # channel uses it, the first one accounts for its file
+            task.label_shared = any(lab.index in used for lab in labels)
+            used.update(lab.index for lab in labels)
+            if len(labels) == 1:
+                task.label_file, task.label_kind = (labels[0].index, labels[0].path), "nifti"
+            elif labels:
+                task.mask_files = [(lab.index, lab.path) for lab in labels]
+                task.label_file, task.label_kind = task.mask_files[0], "masks"
+            for e in [image, *labels]:
+                if not e.kind.startswith("consumed:"):
+                    e.kind = "consumed:" + e.kind
+            tasks[key] = task
+    return tasks
+
+
+def _restore_kinds(entries) -> None:
+    for e in entries:
+        if e.kind.startswith("consumed:"):
+            e.kind = e.kind.split(":", 1)[1]
+
+
+def group_units(entries: list[FileEntry], deid: Deidentifier, collections=()) -> list[UnitTask]:
+    """Units sorted by ``unit_key`` (path-independent, so sharding does not leak order).
+
+    ``collections``: (layout name, root) pairs whose files pair by their layout's rules."""
+    named = collection_tasks(entries, deid, collections) if collections else {}
+    tasks = {**_dicom_tasks(entries, deid), **_nifti_tasks(entries, deid), **named}
     by_path = {e.path: e for e in entries}
     _pair_nifti_labels(entries, tasks, by_path)
     _pair_dicom_labels(entries, tasks)
     _settle_sidecars(entries, tasks)
+    _restore_kinds(entries)
     for t in tasks.values():
         t.image_files.sort(key=lambda f: f[0])
         if t.kind == "dicom":

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="near-duplicate images by 64-bit perceptual hash")
     p.add_argument("--max-distance", type=int, default=4,
                    help="Hamming distance (bits) for --near-duplicates")
+    p.add_argument("--verify-captions", action="store_true",
+                   help="re-derive caption facts from masks, geometry and pixels; exit 1 on "
+                   "any disagreement")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead")
     return p
 
@@ -144,6 +147,17 @@ def _run(corpus: Corpus, args: argparse.Namespace) -> int:
                f"{pairs.height}, of which {cross} across splits",
                pairs.select("image_id_a", "image_id_b", "distance", "split_a", "split_b",
                             "same_patient").head(50))
+    if args.verify_captions:
+        from catalogs.verify import verify_captions
+
+        report = verify_captions(corpus)
+        print("\n## caption check")
+        print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=1))
+        for problem in report["problems"][:10]:
+            print("  disagreement:", json.dumps(problem, default=str)[:300])
+        if not report["ok"]:
+            print("browse-catalog: captions disagree with the re-derived facts", file=sys.stderr)
+            status = 1
     if args.html:
         from catalogs.gallery import write_gallery
 

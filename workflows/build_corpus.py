@@ -28,7 +28,10 @@ from pipeline.volumes import ReadConfig
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="build-corpus", description=__doc__.split("\n\n")[1])
-    p.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="folders or files")
+    p.add_argument("sources", nargs="*", type=Path, metavar="SOURCE", help="folders or files")
+    p.add_argument("--collection", nargs=2, action="append", default=[],
+                   metavar=("NAME", "PATH"), help="a public collection in a known layout "
+                   "(msd, nnunet_v2, totalsegmentator, brats; see catalogs/sources/)")
     p.add_argument("--out", type=Path, required=True, help="corpus directory")
     p.add_argument("--key-file", type=Path, help="de-identification key file "
                    "(default: $REGIONCORPUS_KEY, else ~/.config/regioncorpus/project.key)")
@@ -94,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         det_iou=args.det_iou, min_mask_score=args.min_mask_score, device=args.device)
     return BuildConfig(
         sources=tuple(args.sources), out=args.out, key_file=args.key_file,
+        collections=tuple((name, Path(path)) for name, path in args.collection),
         read=ReadConfig(min_slices=args.min_slices, allow_burned_in=args.allow_burned_in),
         slicing=slicing, regions=regions, caption_seed=args.caption_seed,
         captioner=args.captioner, split=SplitConfig(ratios=_floats(args.split, "--split")),

@@ -58,3 +58,17 @@ def test_negative_that_is_true_is_caught(corpus, tmp_path):
 
     report = _tamper(corpus, tmp_path, edit)
     assert not report["ok"] and report["problems"][0]["what"].startswith("negative")
+
+
+def test_browse_catalog_verify_captions_exit_codes(corpus, tmp_path, capsys):
+    from workflows.browse_catalog import main
+
+    assert main([str(corpus), "--verify-captions"]) == 0
+    assert '"caption_agreement": 1.0' in capsys.readouterr().out
+
+    def edit(rows):
+        r = next(r for r in rows if "on the left" in (r["caption_region"] or ""))
+        r["caption_region"] = r["caption_region"].replace("on the left", "on the right")
+
+    _tamper(corpus, tmp_path, edit)
+    assert main([str(tmp_path / "copy"), "--verify-captions"]) == 1
