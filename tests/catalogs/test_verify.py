@@ -185,6 +185,6 @@ def test_noisy_duplicate_is_flagged_and_other_slices_are_not(corpus_dir, tmp_pat
     assert (all_pairs["series_key_a"] == all_pairs["series_key_b"]).any()
 
 
-def test_verify_captions_is_a_placeholder(corpus_dir):
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        verify.verify_captions(Corpus.open(corpus_dir))
+def test_verify_captions_through_the_corpus_api(corpus_dir):
+    report = verify.verify_captions(Corpus.open(corpus_dir))
+    assert report["ok"] and report["regions"] > 0
