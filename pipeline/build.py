@@ -23,7 +23,13 @@ from .execute import progress, run_local, run_ray, workers
 from .isolate import run_isolated
 from .shards import ShardWork, file_row, table_stats, unit_files
 from .units import group_units
-from .write import commit_shard, committed_shards, shard_name, write_manifest
+from .write import (
+    commit_shard,
+    committed_shards,
+    remove_stale_temporaries,
+    shard_name,
+    write_manifest,
+)
 
 log = logging.getLogger("regioncorpus")
 
@@ -118,6 +124,7 @@ def build(cfg: BuildConfig) -> dict:
     deid = Deidentifier.from_env(cfg.key_file)
     cfg.out.mkdir(parents=True, exist_ok=True)
     _check_out_dir(cfg.out, cfg.config_hash())
+    remove_stale_temporaries(cfg.out)
     timings, t = {}, time.monotonic()
     entries, tasks, missing = _discover(cfg, deid)
     timings["discover"] = round(time.monotonic() - t, 3)

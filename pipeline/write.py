@@ -200,3 +200,15 @@ def committed_shards(out: Path) -> dict[str, dict]:
 
 def write_manifest(out: Path, manifest: dict) -> None:
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete temporary files a killed run left behind (never a committed file)."""
+    n = 0
+    for path in out.glob("*/.*.tmp-*"):
+        path.unlink(missing_ok=True)
+        n += 1
+    for path in out.glob(".*.tmp-*"):
+        path.unlink(missing_ok=True)
+        n += 1
+    return n
