@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import perimeter, regionprops
+from scipy.spatial import ConvexHull, QhullError
+from skimage.measure import perimeter
 
 from .regions import (
     _otsu_body,
     body_midline_x,
     centroid_ras,
+    crop,
     decode_rle,
     laterality,
     max_diameter_mm,
@@ -67,23 +69,35 @@ def modality_values(pixels: np.ndarray, image: dict) -> np.ndarray:
     return lo + pixels.astype(np.float64) / top * (hi - lo)
 
 
+def _window(mask: np.ndarray, spacing, margin_mm: float) -> tuple[slice, slice]:
+    """Slices of the mask's bounding box grown by ``margin_mm`` (+1 px), clipped."""
+    pad = int(np.ceil(margin_mm / min(spacing))) + 1
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return (slice(max(0, rows[0] - pad), rows[-1] + pad + 1),
+            slice(max(0, cols[0] - pad), cols[-1] + pad + 1))
+
+
 def _ring(mask: np.ndarray, spacing, ring_mm: float, body: np.ndarray) -> np.ndarray:
-    dist = ndimage.distance_transform_edt(~mask, sampling=(spacing[0], spacing[1]))
-    return (dist > 0) & (dist <= ring_mm) & body
+    """(h, w) bool ring inside the window returned with it: pixels within ``ring_mm`` of the
+    mask, outside it, inside the body."""
+    win = _window(mask, spacing, ring_mm)
+    dist = ndimage.distance_transform_edt(~mask[win], sampling=(spacing[0], spacing[1]))
+    return win, (dist > 0) & (dist <= ring_mm) & body[win]
 
 
-def intensity(mask, pixels, image, body, vocab) -> tuple[str, float, str]:
-    """(class "hyper"/"iso"/"hypo", value, unit) of the region against its surroundings."""
-    ring = _ring(mask, image["pixel_spacing_mm"], vocab["ring_mm"], body)
+def intensity(mask, pixels, image, body, vocab, values=None) -> tuple[str, float, str]:
+    """(class "hyper"/"iso"/"hypo", value, unit) of the region against its surroundings;
+    ``values``: the image's modality values if already computed (CT)."""
+    win, ring = _ring(mask, image["pixel_spacing_mm"], vocab["ring_mm"], body)
     if image["modality"] == "CT":
-        values = modality_values(pixels, image)
+        values = modality_values(pixels, image) if values is None else values
         inside = float(values[mask].mean())
-        around = float(values[ring].mean()) if ring.any() else inside
+        around = float(values[win][ring].mean()) if ring.any() else inside
         thr, diff, unit, value = vocab["intensity_thresholds"]["CT_hu"], inside - around, "HU", inside
     else:
         grey = pixels.astype(np.float64) / (65535.0 if pixels.dtype == np.uint16 else 255.0)
         inside = float(grey[mask].mean())
-        around = float(grey[ring].mean()) if ring.any() else inside
+        around = float(grey[win][ring].mean()) if ring.any() else inside
         thr, diff, unit = vocab["intensity_thresholds"]["other_fraction"], inside - around, "percentile"
         ref = grey[body] if body.any() else grey.ravel()
         value = float((ref < inside).mean() * 100.0)
@@ -92,13 +106,24 @@ def intensity(mask, pixels, image, body, vocab) -> tuple[str, float, str]:
 
 
 def shape(mask: np.ndarray) -> tuple[float, float, float, str]:
-    """(circularity, elongation, solidity, class) of an (H, W) bool mask, in pixel units."""
-    props = regionprops(mask.astype(np.uint8))[0]
+    """(circularity, elongation, solidity, class) of an (H, W) bool mask, in pixel units.
+
+    circularity 4πA/P² (P: skimage's perimeter), elongation 1 − minor/major axis from the
+    second moments, solidity A / area of the convex hull of the pixels' corners."""
+    mask = crop(mask, 1)[0]
+    area = float(mask.sum())
     p = perimeter(mask)
-    circ = float(min(1.0, 4 * math.pi * props.area / p**2)) if p > 0 else 1.0
-    major = props.axis_major_length
-    elong = float(1 - props.axis_minor_length / major) if major > 0 else 0.0
-    solid = float(props.solidity)
+    circ = float(min(1.0, 4 * math.pi * area / p**2)) if p > 0 else 1.0
+    r, c = np.nonzero(mask)
+    cov = np.cov(np.stack([r, c]).astype(np.float64)) if r.size > 1 else np.zeros((2, 2))
+    ev = np.sort(np.clip(np.linalg.eigvalsh(cov), 0, None))
+    elong = float(1 - np.sqrt(ev[0] / ev[1])) if ev[1] > 0 else 0.0
+    corners = np.concatenate([np.stack([c + dc, r + dr], 1) for dc in (0, 1) for dr in (0, 1)])
+    try:
+        hull_area = float(ConvexHull(corners.astype(np.float64)).volume)
+    except QhullError:
+        hull_area = area
+    solid = float(min(1.0, area / hull_area)) if hull_area > 0 else 1.0
     cls = "irregular" if solid < 0.85 else "oval" if elong > 0.35 else "round"
     return round(circ, 4), round(elong, 4), round(solid, 4), cls
 
@@ -110,8 +135,12 @@ def _location(mask, centroid_px, organs, spacing, vocab) -> tuple[str | None, st
         if organ[min(r, organ.shape[0] - 1), min(c, organ.shape[1] - 1)]:
             return "in", name
     best, best_d = None, float(vocab["next_to_mm"])
+    win = _window(mask, spacing, best_d)
     for name, organ in organs:
-        d = ndimage.distance_transform_edt(~organ, sampling=(spacing[0], spacing[1]))[mask].min()
+        sub = organ[win]
+        if not sub.any():
+            continue
+        d = ndimage.distance_transform_edt(~sub, sampling=(spacing[0], spacing[1]))[mask[win]].min()
         if d <= best_d:
             best, best_d = name, float(d)
     return ("next to", best) if best else (None, None)
@@ -119,15 +148,25 @@ def _location(mask, centroid_px, organs, spacing, vocab) -> tuple[str | None, st
 
 def _organs(masks, regions, vocab) -> list[tuple[str, np.ndarray]]:
     # holes filled: a lesion carved out of its organ's label still lies "in" the organ
-    out = [(display(r["label"], vocab), ndimage.binary_fill_holes(m))
+    out = [(display(r["label"], vocab), _filled(m))
            for r, m in zip(regions, masks, strict=True)
-           if r["source"] == "labels" and not is_lesion(r["label"], vocab)]
+           if r["source"] == "labels" and not is_lesion(r["label"], vocab) and m.any()]
     return sorted(out, key=lambda t: t[0])
 
 
+def _filled(mask: np.ndarray) -> np.ndarray:
+    sub, r0, c0 = crop(mask, 1)
+    out = np.zeros(mask.shape, bool)
+    out[r0:r0 + sub.shape[0], c0:c0 + sub.shape[1]] = ndimage.binary_fill_holes(sub)
+    return out
+
+
 def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
-                      vocab: dict | None = None) -> list[dict]:
-    """One attribute record per region of ``image`` (same order), from stored data only."""
+                      vocab: dict | None = None, trust_rows: bool = False) -> list[dict]:
+    """One attribute record per region of ``image`` (same order), from stored data only.
+
+    ``trust_rows``: reuse the rows' ``max_diameter_mm`` (computed from the same mask by the
+    same function when the row was made) instead of measuring again; the checker never does."""
     vocab = vocab or load_vocab()
     masks = [decode_rle(r["mask_rle"]) if r["mask_rle"] else None for r in regions]
     grey8 = pixels if pixels.dtype == np.uint8 else (pixels >> 8).astype(np.uint8)
@@ -136,6 +175,7 @@ def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
     organs = _organs([m if m is not None else np.zeros(pixels.shape, bool) for m in masks],
                      regions, vocab)
     spacing = image["pixel_spacing_mm"]
+    values = modality_values(pixels, image) if image["modality"] == "CT" else None
     out = []
     for region, mask in zip(regions, masks, strict=True):
         if mask is None or not mask.any():
@@ -145,8 +185,9 @@ def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
         cen = centroid_ras(mask, image["pixel_to_ras"])
         rr, cc = np.nonzero(mask)
         rel, loc = _location(mask, (rr.mean(), cc.mean()), organs, spacing, vocab) if lesion else (None, None)
-        diam = max_diameter_mm(mask, spacing)
-        icls, ival, unit = intensity(mask, pixels, image, body, vocab)
+        diam = region.get("max_diameter_mm") if trust_rows else None
+        diam = max_diameter_mm(mask, spacing) if diam is None else diam
+        icls, ival, unit = intensity(mask, pixels, image, body, vocab, values)
         circ, elong, solid, scls = shape(mask)
         out.append({
             "label": display(region["label"], vocab), "is_lesion": lesion,

@@ -178,7 +178,7 @@ def describe_image(image: dict, pixels, regions: list[dict], seed: int = 0,
                    version: str = "v1") -> None:
     """Fill caption columns of ``image`` and of its ``regions`` (in place)."""
     vocab = load_vocab(version)
-    attrs = derive_attributes(image, pixels, regions, vocab)
+    attrs = derive_attributes(image, pixels, regions, vocab, trust_rows=True)
     captions = []
     for k, (region, a) in enumerate(zip(regions, attrs, strict=True)):
         region["caption_version"] = vocab["version"]

@@ -75,18 +75,32 @@ def bbox_of(mask: np.ndarray) -> list[float]:
     return [float(c0), float(r0), float(c1 + 1), float(r1 + 1)]
 
 
+def crop(mask: np.ndarray, pad: int = 1) -> tuple[np.ndarray, int, int]:
+    """The mask's bounding window grown by ``pad`` pixels (clipped): (sub-mask, row0, col0).
+
+    Every per-region measure works on this window: cost follows the region, not the image."""
+    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+    if not rows.any():
+        return mask[:0, :0], 0, 0
+    r0, r1 = np.flatnonzero(rows)[[0, -1]]
+    c0, c1 = np.flatnonzero(cols)[[0, -1]]
+    r0, c0 = max(0, r0 - pad), max(0, c0 - pad)
+    return mask[r0:r1 + pad + 1, c0:c1 + pad + 1], int(r0), int(c0)
+
+
 def max_diameter_mm(mask: np.ndarray, spacing_mm) -> float:
     """Maximal Feret diameter in mm of an (H, W) bool mask with (row_mm, col_mm) spacing."""
+    mask = crop(mask, 1)[0]
     edge = mask & ~ndimage.binary_erosion(mask)
     r, c = np.nonzero(edge)
     if r.size == 0:
         return 0.0
     corners = np.concatenate([np.stack([c + dc, r + dr], 1) for dc in (0, 1) for dr in (0, 1)])
-    pts = np.unique(corners, axis=0).astype(np.float64) * [spacing_mm[1], spacing_mm[0]]
+    pts = corners.astype(np.float64) * [spacing_mm[1], spacing_mm[0]]
     try:
         pts = pts[ConvexHull(pts).vertices]
-    except QhullError:  # collinear points (a one-pixel-wide line): all points are extreme
-        pass
+    except QhullError:  # collinear points (a one-pixel-wide line): the extremes suffice
+        pts = pts[[pts[:, 0].argmin(), pts[:, 0].argmax(), pts[:, 1].argmin(), pts[:, 1].argmax()]]
     d = pts[:, None, :] - pts[None, :, :]
     return float(np.sqrt((d**2).sum(-1)).max())
 
@@ -99,17 +113,24 @@ def centroid_ras(mask: np.ndarray, pixel_to_ras: np.ndarray) -> list[float]:
 
 
 def _otsu_body(image: np.ndarray) -> np.ndarray:
-    from skimage.filters import threshold_otsu
-
+    """(H, W) bool body: the largest 8-connected component above Otsu's threshold of the
+    uint8 image, holes filled (dark organs inside the body, e.g. lungs in a soft-tissue
+    window, are body too)."""
     if image.max() == image.min():
         return np.zeros(image.shape, bool)
-    fg = image > threshold_otsu(image)
-    lab, n = ndimage.label(fg, EIGHT)
-    if n == 0:
-        return fg
-    sizes = np.bincount(lab.ravel())[1:]
-    # holes filled: dark organs inside the body (lungs in a soft-tissue window) are body too
-    return ndimage.binary_fill_holes(lab == (1 + int(np.argmax(sizes))))
+    import cv2
+
+    thr, _ = cv2.threshold(np.ascontiguousarray(image, np.uint8), 0, 255,
+                           cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    fg = (image > thr).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    if n <= 1:
+        return fg.astype(bool)
+    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    sub, r0, c0 = crop(lab == biggest, 1)
+    body = np.zeros(image.shape, bool)
+    body[r0:r0 + sub.shape[0], c0:c0 + sub.shape[1]] = ndimage.binary_fill_holes(sub)
+    return body
 
 
 def body_midline_x(pixel_to_ras, body: np.ndarray | None = None, image=None) -> float | None:
