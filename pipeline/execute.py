@@ -122,7 +122,10 @@ def _ray_init(cfg: BuildConfig) -> bool:
     if cfg.execution.address:
         ray.init(address=cfg.execution.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=workers(cfg), include_dashboard=False, log_to_driver=False)
+        # address="local": always a fresh embedded instance, never a cluster that happens to
+        # run on this machine (ray.init() alone would join it)
+        ray.init(address="local", num_cpus=workers(cfg), include_dashboard=False,
+                 log_to_driver=False)
     return True
 
 
