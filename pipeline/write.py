@@ -57,6 +57,25 @@ SERIES_SCHEMA = pa.schema([
     ("deid_key_id", pa.string()),
 ])
 
+def _hf_feature(t: pa.DataType) -> dict:
+    """Hugging Face `datasets` feature description of an Arrow type (scalars and lists)."""
+    if pa.types.is_list(t):
+        return {"feature": _hf_feature(t.value_type), "_type": "List"}
+    if pa.types.is_struct(t):
+        return {f.name: _hf_feature(f.type) for f in t}
+    names = {pa.string(): "string", pa.binary(): "binary", pa.bool_(): "bool"}
+    return {"dtype": names.get(t, str(t)), "_type": "Value"}
+
+
+def with_hf_image_metadata(schema: pa.Schema, image_column: str = "image") -> pa.Schema:
+    """Schema metadata that makes `datasets` (and the Hub viewer) read ``image_column`` as an
+    Image feature: the {bytes, path} struct is exactly datasets.Image's storage."""
+    features = {f.name: _hf_feature(f.type) for f in schema}
+    features[image_column] = {"_type": "Image"}
+    meta = {"huggingface": json.dumps({"info": {"features": features}})}
+    return schema.with_metadata(meta)
+
+
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("unit_key", pa.string()),
@@ -84,6 +103,7 @@ IMAGES_SCHEMA = pa.schema([
     ("caption_version", pa.string()),
     ("image", IMAGE_STRUCT),
 ])
+IMAGES_SCHEMA = with_hf_image_metadata(IMAGES_SCHEMA)
 
 RLE_STRUCT = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])  # COCO RLE
 

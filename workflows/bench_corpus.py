@@ -95,7 +95,7 @@ def build(src: Path, out: Path, workers: int, executor: str) -> dict:
             "rows": manifest["rows"], "timings_s": manifest["timings_s"]}
 
 
-def run_size(target: int, workers: int, executor: str, work: Path) -> dict:
+def run_size(target: int, workers: int, executor: str, work: Path, plain: bool = True) -> dict:
     from pipeline.phantoms import make_phantoms
 
     patients = max(1, math.ceil(target / REGIONS_PER_PATIENT))
@@ -106,8 +106,9 @@ def run_size(target: int, workers: int, executor: str, work: Path) -> dict:
         shutil.rmtree(old, ignore_errors=True)  # a kept corpus would only be resumed
     n_floor, t_floor = floor(src, workers)
     b = build(src, work / f"corpus{patients}", workers, executor)
-    n_img, n_reg, t_plain = plain_loop(src, work / f"plain{patients}")
+    n_img, n_reg, t_plain = plain_loop(src, work / f"plain{patients}") if plain else (0, 0, 0.0)
     images = b["rows"]["images"]
+    ratio = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
     return {
         "target_regions": target, "patients": patients, "regions": b["rows"]["regions"],
         "images": images, "build_wall_s": round(b["wall_s"], 1),
@@ -115,11 +116,11 @@ def run_size(target: int, workers: int, executor: str, work: Path) -> dict:
         "build_images_per_s": round(images / b["wall_s"], 1),
         "peak_rss_mb": round(b["peak_rss_mb"]), "stage_s": b["timings_s"],
         "floor_slices_per_s": round(n_floor / t_floor, 1),
-        "plain_images_per_s": round(n_img / t_plain, 1),
-        "plain_regions_per_s": round(n_reg / t_plain, 1),
-        "build_over_floor": round((images / b["wall_s"]) / (n_floor / t_floor), 3),
-        "build_over_plain": round((images / b["wall_s"]) / (n_img / t_plain), 2),
-        "cpu_s_per_region_plain": round(t_plain / max(1, n_reg), 5),
+        "plain_images_per_s": ratio(n_img, t_plain),
+        "plain_regions_per_s": ratio(n_reg, t_plain),
+        "build_over_floor": ratio(images / b["wall_s"], n_floor / t_floor),
+        "build_over_plain": ratio(images / b["wall_s"], ratio(n_img, t_plain)),
+        "cpu_s_per_region_plain": ratio(t_plain, n_reg),
     }
 
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        r = run_size(size, args.workers, args.executor, work)
+        r = run_size(size, args.workers, args.executor, work, size <= args.skip_plain_above)
         r["machine"], r["executor"], r["workers"] = machine, args.executor, args.workers
         rows.append(r)
         print(json.dumps(r), flush=True)

@@ -180,3 +180,17 @@ def test_isolation_turns_worker_failures_into_errors(kind):
     assert results[1] == ("ok", "fine")
     status, err = results[0]
     assert status == "err" and err.reason == f"decode_{kind}"
+
+
+def test_images_load_as_hugging_face_images(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    src = tmp_path / "src"
+    write_series(src / "s", ramp_volume((2, 24, 20)))
+    out = tmp_path / "out"
+    assert main([str(src), "--out", str(out)]) == 0
+    files = sorted(str(p) for p in (out / "images").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["image"], datasets.Image)
+    first = ds[0]["image"]
+    assert first.size == (20, 24) and first.mode == "L"
