@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     manifest = build(cfg)
     summary = {k: manifest.get(k) for k in ("found", "ingested", "quarantined", "skipped",
-                                        "quarantined_by_reason", "rows", "timings_s")}
+                                            "quarantined_by_reason", "rows", "timings_s")}
+    busy = sum(manifest["timings_s"].values()) or 1e-9
+    summary["throughput_per_s"] = {t: round(n / busy, 1) for t, n in manifest["rows"].items()
+                                   if t in ("images", "regions")}
     print(json.dumps(summary, indent=1))
     print(f"corpus written to {cfg.out} (manifest: {cfg.out / 'manifest.json'})")
     return 0
