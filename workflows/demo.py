@@ -1,40 +1,82 @@
 """python -m workflows.demo --out data/demo
 
-The quick start's main job, on the embedded default: writes the phantom collection
-(make-phantoms), then builds one corpus (build-corpus) from the phantoms plus the real files
-pydicom, nibabel and nilearn ship. Ends by printing where each result is.
+The quick start's main job, the whole chain on the embedded default (local Ray), offline:
+  1. make-phantoms: a phantom CT collection (real DICOM + NIfTI label maps, fake PHI)
+  2. train-detector (short): YOLO trained from the phantoms' label-map lesions
+  3. build-corpus: phantoms + the real files pydicom, nibabel and nilearn ship; regions from
+     label maps and from the detector, masks by LiteMedSAM, captions and hard negatives
+  4. train-model (tiny, short) and a global-only baseline with the same budget
+  5. evaluate-model on held-out patients (region-aware vs global-only)
+  6. browse-catalog: summary, caption check and the HTML gallery
+It ends by printing where each result is.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from workflows import build_corpus, make_phantoms
+from workflows import (
+    browse_catalog,
+    build_corpus,
+    evaluate_model,
+    make_phantoms,
+    train_detector,
+    train_model,
+)
 from workflows.sample_sources import package_sources
+
+
+def _step(title: str, fn, argv: list[str], timings: dict) -> None:
+    print(f"\n== {title}: {' '.join(argv)}", file=sys.stderr, flush=True)
+    t = time.monotonic()
+    rc = fn(argv)
+    timings[title] = round(time.monotonic() - t, 1)
+    if rc not in (0, None):
+        raise SystemExit(f"demo: step '{title}' failed with exit code {rc}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", type=Path, default=Path("data/demo"), help="results folder")
-    p.add_argument("--patients", type=int, default=8, help="phantom studies")
-    p.add_argument("--workers", type=int, default=0, help="parallel series (0 = CPU count)")
+    p.add_argument("--patients", type=int, default=12, help="phantom studies")
+    p.add_argument("--detector-epochs", type=int, default=4, help="YOLO epochs (short)")
+    p.add_argument("--model-steps", type=int, default=240, help="train-model steps (short)")
     args = p.parse_args(argv)
-    phantoms, corpus = args.out / "phantoms", args.out / "corpus"
-    print(f"== make-phantoms → {phantoms}", file=sys.stderr)
-    rc = make_phantoms.main(["--out", str(phantoms), "--patients", str(args.patients)])
-    if rc:
-        return rc
-    sources = [str(phantoms), *map(str, package_sources())]
-    print(f"== build-corpus → {corpus}", file=sys.stderr)
-    rc = build_corpus.main([*sources, "--out", str(corpus), "--workers", str(args.workers)])
-    if rc:
-        return rc
+    o, t = args.out, {}
+    ph, det, corpus = o / "phantoms", o / "runs" / "detector", o / "corpus"
+    model, base, report, gallery = (o / "runs" / "model", o / "runs" / "global_only",
+                                    o / "reports" / "evaluation.json", o / "gallery")
+    _step("make-phantoms", make_phantoms.main,
+          ["--out", str(ph), "--patients", str(args.patients)], t)
+    _step("train-detector", train_detector.main,
+          [str(ph), "--out", str(det), "--epochs", str(args.detector_epochs), "--imgsz", "160"], t)
+    _step("build-corpus", build_corpus.main,
+          [str(ph), *map(str, package_sources()), "--out", str(corpus),
+           "--roi", "labels,detector", "--detector", str(det / "weights" / "detector.pt"),
+           "--det-conf", "0.4", "--segmenter", "lite-medsam"], t)
+    steps = ["--steps", str(args.model_steps)]
+    _step("train-model", train_model.main,
+          ["--corpus", str(corpus), "--out", str(model), "--preset", "tiny", *steps], t)
+    _step("train-model --global-only", train_model.main,
+          ["--corpus", str(corpus), "--out", str(base), "--preset", "tiny", "--global-only",
+           *steps], t)
+    _step("evaluate-model", evaluate_model.main,
+          ["--corpus", str(corpus), "--run", str(model), "--baseline", str(base),
+           "--out", str(report)], t)
+    _step("browse-catalog", browse_catalog.main,
+          [str(corpus), "--verify-captions", "--html", str(gallery), "--limit", "240"], t)
     print("\nResults:")
-    print(f"  phantom collection   {phantoms}")
-    print(f"  corpus tables        {corpus}/files, {corpus}/series, {corpus}/images")
-    print(f"  manifest (counts)    {corpus / 'manifest.json'}")
+    for name, path in [("phantom collection", ph), ("detector run", det),
+                       ("corpus (files, series, images, regions)", corpus),
+                       ("manifest", corpus / "manifest.json"), ("region-aware model", model),
+                       ("global-only baseline", base), ("evaluation", report),
+                       ("evaluation table", report.with_suffix(".md")),
+                       ("HTML gallery", gallery / "index.html")]:
+        print(f"  {name:<42} {path}")
+    print("  time per step (s): " + ", ".join(f"{k} {v}" for k, v in t.items()))
     return 0
 
 
