@@ -1,0 +1,281 @@
+"""Streaming the corpus's Parquet shards into training / evaluation batches.
+
+* Reading: ``DIR/images/shard-k.parquet`` row groups with pyarrow, the co-sharded
+  ``DIR/regions/shard-k.parquet`` joined by ``image_id``. Units of work are (shard, row group,
+  part): every (rank, DataLoader worker) pair — global reader id ``g = rank·W + worker`` — reads
+  the units ``u`` with ``u % (world·W) == g`` (a row group is split into interleaved parts when
+  there are more readers than row groups), so no two readers share rows.
+* Order: per epoch the reader's units are shuffled with ``(seed, epoch, g)`` and rows pass a
+  shuffle buffer; the stream is infinite for training (epochs loop) and a single ordered pass
+  for evaluation.
+* Resume: each sample carries its position (reader, epoch, index within the reader's epoch,
+  shard index, row offset). ``DataState`` keeps, per reader, the epoch and the count consumed;
+  a resumed stream replays the reader's epoch without decoding and skips what was consumed.
+  DataLoader workers deliver batches round-robin, so the resumed loader rotates reader ids
+  (``rotate``) to continue with the reader that was next. Per-sample randomness (region
+  subset, negatives, points, summary vs report) comes from ``(seed, epoch, g, index)``, so a
+  resumed run sees exactly the batches of an uninterrupted one.
+* Decoding in workers: PNG with cv2, padding to a square, resizing to the tower input; each
+  region's COCO RLE → mask at the input resolution (uint8), box → normalised [0, 1] xyxy,
+  one positive point inside the mask and one negative point outside it near the box.
+* Captions: stored columns when present, else the documented fallback (:mod:`model.captions`).
+  Tokenisation happens in :class:`model.collate.Collate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import IterableDataset, get_worker_info
+
+from model import captions as cap
+from model.config import DataConfig
+
+IMAGE_COLS = ["image_id", "patient_key", "split", "modality", "plane", "height", "width", "image"]
+IMAGE_CAPTIONS = ["caption_summary", "caption_report"]
+REGION_COLS = ["region_id", "image_id", "label", "bbox", "mask_rle", "laterality"]
+REGION_CAPTIONS = ["caption_region", "negatives", "negative_kinds"]
+
+
+@dataclass
+class Corpus:
+    """Shard files of a corpus and what the training needs to know about them."""
+
+    root: Path
+    shards: list[str]  # shard file names present in both images/ and regions/
+    row_groups: list[int]
+    image_captions: bool
+    region_captions: bool
+    labels: list[str] = field(default_factory=list)  # label vocabulary (all splits' names)
+    sides: dict[str, list[str | None]] = field(default_factory=dict)  # label → lateralities
+    caption_version: str | None = None  # vocabulary of the stored captions (None: fallback)
+
+    @classmethod
+    def open(cls, root: Path) -> Corpus:
+        root = Path(root)
+        names = sorted(p.name for p in (root / "images").glob("shard-*.parquet"))
+        names = [n for n in names if (root / "regions" / n).exists()]
+        if not names:
+            raise ValueError(f"--corpus {root}: no images/regions shards")
+        rgs = [pq.ParquetFile(root / "images" / n).num_row_groups for n in names]
+        img_cols = set(pq.read_schema(root / "images" / names[0]).names)
+        reg_cols = set(pq.read_schema(root / "regions" / names[0]).names)
+        c = cls(root, names, rgs, all(x in img_cols for x in IMAGE_CAPTIONS),
+                "caption_region" in reg_cols and "negatives" in reg_cols)
+        sides: dict[str, set] = {}
+        version_col = ["caption_version"] if "caption_version" in reg_cols else []
+        for n in names:
+            t = pq.read_table(root / "regions" / n,
+                              columns=["label", "laterality", "split"] + version_col)
+            if version_col and c.caption_version is None:
+                c.caption_version = next((v for v in t.column("caption_version").to_pylist()
+                                          if v), None)
+            for lab, lat, split in zip(*(t.column(k).to_pylist() for k in
+                                         ("label", "laterality", "split")), strict=True):
+                s = sides.setdefault(lab, set())
+                if split == "train":
+                    s.add(lat)
+        c.labels = sorted(sides)
+        c.sides = {k: sorted(v, key=str) for k, v in sides.items()}
+        return c
+
+    def prompt(self, label: str, side: str | None) -> str:
+        """Zero-shot prompt in the corpus's caption phrasing (:func:`captions.prompter`)."""
+        return cap.prompter(self.caption_version if self.region_captions else None)(label, side)
+
+    def units(self) -> list[tuple[int, int]]:
+        return [(s, g) for s, n in enumerate(self.row_groups) for g in range(n)]
+
+
+@dataclass
+class DataState:
+    """Position of a reader: ``epoch`` and ``index`` (samples of that epoch already consumed)."""
+
+    epoch: int = 0
+    index: int = 0
+    shard: int = -1  # shard index and row offset of the last consumed sample (information)
+    row: int = -1
+
+
+def reader_ids(world: int, rank: int, workers: int, worker: int, rotate: int) -> tuple[int, int]:
+    """(global reader id, number of readers) of a physical DataLoader worker."""
+    w = max(workers, 1)
+    logical = (worker + rotate) % w
+    return rank * w + logical, world * w
+
+
+class RegionCorpus(IterableDataset):
+    """Samples (dicts of numpy arrays and strings) of one split, see the module docstring."""
+
+    def __init__(self, corpus: Corpus, split: str, cfg: DataConfig, image_size: int,
+                 points: int = 2, seed: int = 0, train: bool = True, rank: int = 0,
+                 world: int = 1, start: dict[int, DataState] | None = None, rotate: int = 0):
+        self.corpus, self.split, self.cfg, self.size = corpus, split, cfg, image_size
+        self.points, self.seed, self.train = points, seed, train
+        self.rank, self.world, self.start, self.rotate = rank, world, start or {}, rotate
+
+    # -- raw rows ----------------------------------------------------------------------------
+    def _read_unit(self, shard: int, group: int, part: int, parts: int, regions_cache: dict):
+        c = self.corpus
+        name = c.shards[shard]
+        cols = IMAGE_COLS + (IMAGE_CAPTIONS if c.image_captions else [])
+        t = pq.ParquetFile(c.root / "images" / name).read_row_group(group, columns=cols)
+        base = sum(pq.ParquetFile(c.root / "images" / name).metadata.row_group(i).num_rows
+                   for i in range(group))
+        if shard not in regions_cache:
+            regions_cache.clear()
+            rcols = REGION_COLS + (REGION_CAPTIONS if c.region_captions else [])
+            rt = pq.read_table(c.root / "regions" / name, columns=rcols).to_pylist()
+            by_image: dict[str, list] = {}
+            for r in rt:
+                by_image.setdefault(r["image_id"], []).append(r)
+            regions_cache[shard] = by_image
+        by_image = regions_cache[shard]
+        rows = t.to_pylist()
+        for i, row in enumerate(rows):
+            if (base + i) % parts != part or row["split"] != self.split:
+                continue
+            row["regions"] = by_image.get(row["image_id"], [])
+            row["shard"], row["row"] = shard, base + i
+            yield row
+
+    def _epoch_rows(self, g: int, readers: int, epoch: int):
+        units = self.corpus.units()
+        parts = math.ceil(readers / len(units))
+        virtual = [(s, grp, p) for (s, grp) in units for p in range(parts)]
+        mine = [v for i, v in enumerate(virtual) if i % readers == g]
+        rng = np.random.default_rng([self.seed, epoch, g])
+        if self.train:
+            mine = [mine[i] for i in rng.permutation(len(mine))]
+        cache: dict = {}
+        buf: list = []
+        for s, grp, p in mine:
+            for row in self._read_unit(s, grp, p, parts, cache):
+                if not self.train:
+                    yield row
+                    continue
+                if len(buf) < self.cfg.shuffle_buffer:
+                    buf.append(row)
+                    continue
+                j = int(rng.integers(len(buf)))
+                buf[j], row = row, buf[j]
+                yield row
+        for j in rng.permutation(len(buf)):
+            yield buf[j]
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        g, readers = reader_ids(self.world, self.rank, workers, worker, self.rotate)
+        st = self.start.get(g, DataState())
+        epoch = st.epoch
+        while True:
+            for index, row in enumerate(self._epoch_rows(g, readers, epoch)):
+                if epoch == st.epoch and index < st.index:
+                    continue  # replayed, not decoded
+                rng = np.random.default_rng([self.seed, epoch, g, index, 1])
+                sample = self.decode(row, rng)
+                sample["pos"] = (g, epoch, index, row["shard"], row["row"])
+                yield sample
+            epoch += 1
+            if not self.train:
+                return
+
+    # -- decoding ------------------------------------------------------------------------------
+    def decode(self, row: dict, rng: np.random.Generator) -> dict:
+        """One sample: image (S, S) uint8, regions, captions."""
+        img = cv2.imdecode(np.frombuffer(row["image"]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+        if img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        if img.dtype == np.uint16:
+            img = (img >> 8).astype(np.uint8)
+        h, w = img.shape
+        side = max(h, w)
+        oy, ox = (side - h) // 2, (side - w) // 2
+        sq = np.zeros((side, side), np.uint8)
+        sq[oy:oy + h, ox:ox + w] = img
+        image = cv2.resize(sq, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        regions = [r for r in row["regions"] if r["bbox"] is not None]
+        cap_n = self.cfg.regions_per_image
+        if self.train and len(regions) > cap_n:
+            regions = [regions[i] for i in sorted(rng.choice(len(regions), cap_n, replace=False))]
+        out_regions = [self._region(r, (oy, ox, side), rng) for r in regions]
+        labels = [r["label"] for r in row["regions"]]
+        all_caps = [self._caption(r) for r in row["regions"]]
+        summary = row.get("caption_summary") or cap.image_summary(labels, row["modality"],
+                                                                   row["plane"])
+        report = row.get("caption_report") or cap.image_report(all_caps, row["modality"],
+                                                                row["plane"])
+        mode = self.cfg.global_text
+        if mode == "both":
+            mode = "summary" if (not self.train or rng.random() < 0.5) else "report"
+        return {"image": image, "image_id": row["image_id"], "summary": summary,
+                "report": report, "global_text": summary if mode == "summary" else report,
+                "image_labels": sorted(set(labels)), "regions": out_regions}
+
+    def _caption(self, r: dict) -> str:
+        return r.get("caption_region") or cap.region_caption(r["label"], r["laterality"])
+
+    def _region(self, r: dict, pad: tuple[int, int, int], rng: np.random.Generator) -> dict:
+        oy, ox, side = pad
+        s = self.size
+        m = mask_utils.decode({"size": list(r["mask_rle"]["size"]),
+                               "counts": r["mask_rle"]["counts"].encode()})  # (H, W)
+        sq = np.zeros((side, side), np.uint8)
+        sq[oy:oy + m.shape[0], ox:ox + m.shape[1]] = m
+        mask = (cv2.resize(sq.astype(np.float32), (s, s), interpolation=cv2.INTER_AREA) > 0.25)
+        x0, y0, x1, y1 = r["bbox"]
+        box = np.array([(x0 + ox) / side, (y0 + oy) / side, (x1 + ox) / side, (y1 + oy) / side],
+                       np.float32).clip(0, 1)
+        negs = r.get("negatives")
+        if not negs or len(negs) == 0:
+            negs, _ = cap.fallback_negatives(r["region_id"], r["label"], r["laterality"],
+                                             self.corpus.labels, max(3, self.cfg.negatives_per_region))
+        k = self.cfg.negatives_per_region
+        if self.train and len(negs) > k:
+            negs = [negs[i] for i in sorted(rng.choice(len(negs), k, replace=False))]
+        negs = (list(negs) * k)[:k] if len(negs) < k else list(negs[:k])
+        return {"mask": mask.astype(np.uint8), "box": box, "caption": self._caption(r),
+                "negatives": negs, "label": r["label"], "laterality": r["laterality"],
+                "region_id": r["region_id"], "points": self._points(sq, box, side, rng)}
+
+    def _points(self, sq: np.ndarray, box: np.ndarray, side: int,
+                rng: np.random.Generator) -> np.ndarray:
+        """(P, 3): x, y normalised and label (1 inside the mask, 0 outside, −1 none)."""
+        pts = np.full((self.points, 3), -1.0, np.float32)
+        ys, xs = np.nonzero(sq)
+        if self.points >= 1 and len(xs):
+            i = int(rng.integers(len(xs))) if self.train else len(xs) // 2
+            pts[0] = [(xs[i] + 0.5) / side, (ys[i] + 0.5) / side, 1]
+        if self.points >= 2:
+            x0, y0, x1, y1 = (box * side).tolist()
+            pw, ph = (x1 - x0) * 0.5 + 2, (y1 - y0) * 0.5 + 2
+            for _ in range(20):
+                x = rng.uniform(max(0, x0 - pw), min(side, x1 + pw))
+                y = rng.uniform(max(0, y0 - ph), min(side, y1 + ph))
+                if not sq[min(int(y), side - 1), min(int(x), side - 1)]:
+                    pts[1] = [x / side, y / side, 0]
+                    break
+        return pts
+
+
+def states_from_batch(states: dict[int, DataState], positions) -> dict[int, DataState]:
+    """Update per-reader states with the positions (g, epoch, index, shard, row) of a batch."""
+    for g, epoch, index, shard, row in positions:
+        st = states.get(int(g))
+        if st is None or (epoch, index + 1) >= (st.epoch, st.index):
+            states[int(g)] = DataState(int(epoch), int(index) + 1, int(shard), int(row))
+    return states
+
+
+def image_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S) → normalised float (B, 1, S, S)."""
+    x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
+    return (x - 0.5) / 0.25

@@ -1,0 +1,113 @@
+"""Data: reader assignment, fallback captions, collation, evaluation metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import captions as cap
+from model.config import DataConfig
+from model.data import Corpus, RegionCorpus, reader_ids
+from model.metrics import auc_binary, multi_label, recall_at, single_label
+
+
+def _rows(ds, g, readers):
+    return {(r["shard"], r["row"]) for r in ds._epoch_rows(g, readers, 0)}
+
+
+def test_readers_partition_the_split(tiny_corpus):
+    c = Corpus.open(tiny_corpus)
+    ds = RegionCorpus(c, "train", DataConfig(), 64, train=True)
+    everything = _rows(ds, 0, 1)
+    assert everything
+    for world, workers in [(1, 2), (2, 1), (2, 3)]:
+        parts = []
+        for rank in range(world):
+            for w in range(workers):
+                g, n = reader_ids(world, rank, workers, w, rotate=0)
+                parts.append(_rows(ds, g, n))
+        assert set().union(*parts) == everything
+        assert sum(len(p) for p in parts) == len(everything)  # disjoint
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_samples_and_captions(tiny_corpus, stored):
+    c = Corpus.open(tiny_corpus)
+    if not stored:  # as for corpora built before the caption columns existed
+        c.region_captions = c.image_captions = False
+    elif not c.region_captions:
+        pytest.skip("corpus has no caption columns")
+    ds = RegionCorpus(c, "train", DataConfig(regions_per_image=3, negatives_per_region=3), 64)
+    s = next(iter(ds))
+    assert s["image"].shape == (64, 64) and s["image"].dtype == np.uint8
+    assert 1 <= len(s["regions"]) <= 3 and s["summary"] and s["report"]
+    for r in s["regions"]:
+        assert r["mask"].shape == (64, 64) and r["mask"].any()
+        assert 0 <= r["box"][0] < r["box"][2] <= 1 and 0 <= r["box"][1] < r["box"][3] <= 1
+        assert len(r["negatives"]) == 3 and r["caption"] not in r["negatives"]
+        assert r["points"][0, 2] == 1  # a positive point inside the mask
+        if stored:
+            continue
+        assert r["caption"] == cap.region_caption(r["label"], r["laterality"])
+        if r["laterality"] in ("left", "right"):
+            other = "right" if r["laterality"] == "left" else "left"
+            assert cap.region_caption(r["label"], other) in r["negatives"]
+    if not stored:
+        assert s["summary"].startswith("axial CT slice showing")
+        assert c.prompt("lung_nodule", "right") == "right lung nodule"
+
+
+def test_caption_fallback_rules():
+    assert cap.region_caption("lung_nodule", "right") == "right lung nodule"
+    assert cap.region_caption("lung_left", "left") == "left lung"
+    assert cap.region_caption("spine", "midline") == "midline spine"
+    negs, kinds = cap.fallback_negatives("r1", "lung_nodule", "right",
+                                         ["lung_nodule", "liver", "spine"], 3)
+    assert negs[0] == "left lung nodule" and kinds[0] == "laterality"
+    assert len(negs) == 3 and "right lung nodule" not in negs
+    assert cap.text_key("Right  lung") == cap.text_key("right lung")
+    styled = cap.prompter("v1")  # the stored captions' phrasing (pipeline vocabulary v1)
+    assert styled("lung_nodule", "right") == "lung nodule on the right"
+    assert styled("spine", "midline") == "vertebral body in the midline"
+
+
+def test_collate_pads_regions_and_dedups_texts(tiny_corpus):
+    from model.collate import Collate
+    from model.text_tower import load_tokenizer, train_tokenizer
+
+    c = Corpus.open(tiny_corpus)
+    ds = RegionCorpus(c, "train", DataConfig(regions_per_image=4), 64)
+    it = iter(ds)
+    samples = [next(it) for _ in range(6)]
+    texts = [s["global_text"] for s in samples] + [r["caption"] for s in samples
+                                                   for r in s["regions"]]
+    tok = load_tokenizer(train_tokenizer(texts * 3 + ["left right"], ds_tmp(c), 200).parent)
+    b = Collate(tok, 32, 3, 2)(samples)
+    n = [len(s["regions"]) for s in samples]
+    assert b["region_valid"].shape == (6, max(n)) and b["region_valid"].sum() == sum(n)
+    assert b["masks"].shape == (6, max(n), 64, 64) and b["points"].shape == (6, max(n), 2, 2)
+    assert len(set(b["texts"])) == len(b["texts"]) == b["text_ids"].shape[0]
+    for i, s in enumerate(samples):
+        assert b["texts"][int(b["global_text"][i])] == s["global_text"]
+        for j, r in enumerate(s["regions"]):
+            assert b["texts"][int(b["region_text"][i, j])] == r["caption"]
+
+
+def ds_tmp(c):
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp()) / "tok"
+
+
+def test_metrics():
+    assert auc_binary(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert auc_binary(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5
+    s = single_label(np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]), np.array([0, 1, 1]))
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["balanced_accuracy"] == 0.75
+    m = multi_label(np.array([[0.9, 0.8, 0.1], [0.1, 0.2, 0.9]]),
+                    np.array([[1, 1, 0], [0, 0, 1]], bool))
+    assert m["accuracy"] == 1.0 and m["auc"] == 1.0
+    rel = np.array([[1, 0, 0], [0, 0, 1]], bool)
+    r = recall_at(np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]]), rel, ks=(1, 2, 3))
+    assert (r["r1"], r["r2"], r["r3"]) == (0.0, 0.0, 1.0)

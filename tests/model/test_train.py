@@ -1,0 +1,107 @@
+"""Training on a 4-patient phantom corpus: the loss falls, a killed run resumes with the same
+losses, checkpoints are atomic, the CLI rejects bad flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import ckpt_path, load_checkpoint, save_checkpoint
+from model.train import TrainOptions, train
+from model.trainlog import read_log
+from workflows.train_model import main as train_main
+
+
+def _opts(corpus, micro, out, **kw) -> TrainOptions:
+    return TrainOptions(corpus=corpus, out=out, preset=str(micro), **kw)
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_log(run / "log.jsonl")]
+
+
+def test_loss_falls(tiny_corpus, micro_preset, tmp_path):
+    """Joint stage-3 training for 24 steps: the mean of the last 4 losses < the first 4."""
+    opts = _opts(tiny_corpus, micro_preset, tmp_path / "run", steps=24, ckpt_every=100)
+    train(opts)
+    rows = read_log(tmp_path / "run" / "log.jsonl")
+    region = [r["region_loss"] + r["negative_loss"] for r in rows if r["stage"] >= 2]
+    assert len(region) >= 12
+    assert sum(region[-4:]) / 4 < sum(region[:4]) / 4 - 0.1
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
+    # the evaluation report has the promised structure
+    from workflows.evaluate_model import main as eval_main
+
+    out = tmp_path / "eval.json"
+    assert eval_main(["--corpus", str(tiny_corpus), "--run", str(tmp_path / "run"),
+                      "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())["region_aware"]
+    for task in ("region_zero_shot", "image_zero_shot", "laterality_zero_shot"):
+        assert set(rep[task]) >= {"accuracy", "balanced_accuracy", "auc"}
+    for d in ("image_to_report", "report_to_image", "region_to_caption", "caption_to_region"):
+        assert set(rep["retrieval"][d]) >= {"r1", "r5", "r10"}
+    assert out.with_suffix(".md").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_run_resumes_with_same_losses(tiny_corpus, micro_preset, tmp_path, workers):
+    """8 steps straight vs. killed after step 6 (checkpoint at 4) + --resume → same losses."""
+    straight = tmp_path / "straight"
+    train(_opts(tiny_corpus, micro_preset, straight, steps=8, workers=workers))
+    killed = tmp_path / "killed"
+    train(_opts(tiny_corpus, micro_preset, killed, steps=8, workers=workers, stop_after=6))
+    assert load_checkpoint(killed)["step"] == 4  # rows 5, 6 were logged after it
+    train(_opts(tiny_corpus, micro_preset, killed, steps=8, workers=workers, resume=True))
+    a, b = _losses(straight), _losses(killed)
+    assert [s for s, _ in b] == list(range(1, 9))
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (_, la), (_, lb) in zip(a, b, strict=True):
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    ck = load_checkpoint(killed)
+    assert ck["step"] == 8 and ck["stage"] == 3 and ck["data"][0]["readers"]
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    save_checkpoint(run, {"step": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):  # writes part of the file, then dies
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(run, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(run)["step"] == 1  # the previous checkpoint is intact
+    save_checkpoint(run, {"step": 3, "w": torch.zeros(3)})
+    assert load_checkpoint(run)["step"] == 3
+    leftovers = [p.name for p in ckpt_path(run).parent.iterdir() if p.name != "last.pt"]
+    assert leftovers == []
+
+
+def test_cli_rejects_bad_flags(tiny_corpus, tmp_path, capsys):
+    assert train_main(["--corpus", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "--corpus" in capsys.readouterr().err
+    args = ["--corpus", str(tiny_corpus), "--out", str(tmp_path / "r")]
+    assert train_main(args + ["--preset", "nope"]) == 2
+    assert "--preset" in capsys.readouterr().err
+    assert train_main(args + ["--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert train_main(args + ["--address", "ray://x:10001"]) == 2
+    assert "--address" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "ckpt").exists()
+
+
+def test_presets_load():
+    from model.config import load_preset
+
+    for name in ("tiny", "base"):
+        cfg = load_preset(name)
+        assert cfg.train.total_steps > 0 and cfg.image.image_size % cfg.image.patch_size == 0
+        assert json.loads(json.dumps(cfg.to_dict()))["preset"] == name

@@ -1,0 +1,84 @@
+"""train-model --corpus DIR --out RUN --preset tiny|base [--global-only] [--steps N] [options]
+
+Trains the region-aware CLIP (RegionMed-CLIP ROI branch + MedP-CLIP region prompts) on a corpus
+written by build-corpus, in three progressive stages (global pairs; regions + hard negatives;
+joint). --global-only trains the ablation without the ROI branch on the same step budget.
+Launch with torchrun for DDP. Rerun with --resume to continue a killed run.
+
+    train-model --corpus data/corpus --out runs/tiny --preset tiny --device cpu
+    train-model --corpus data/corpus --out runs/tiny_global --preset tiny --global-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train-model", description=__doc__.split("\n\n")[1])
+    p.add_argument("--corpus", type=Path, required=True, help="corpus folder (build-corpus --out)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
+    p.add_argument("--preset", default="tiny",
+                   help="tiny | base (model/presets/NAME.json) or a preset JSON file path")
+    p.add_argument("--global-only", action="store_true", help="ablation: no ROI branch")
+    p.add_argument("--steps", type=int, help="optimizer steps (stages rescaled); preset default")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (bf16 autocast on CUDA)")
+    p.add_argument("--batch", type=int, help="images per micro-batch per rank")
+    p.add_argument("--accum", type=int, help="gradient accumulation micro-batches")
+    p.add_argument("--workers", type=int, help="DataLoader workers per rank")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt/last.pt")
+    p.add_argument("--text-weights", type=Path, help="local pretrained BERT folder (+ tokenizer)")
+    p.add_argument("--image-weights", type=Path, help="local ViT state-dict file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, help="steps between log rows")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # simulate a kill (tests)
+    p.add_argument("--address", help="Ray cluster address (Ray Train launcher; not implemented)")
+    return p
+
+
+def options_from_args(args: argparse.Namespace):
+    """Typed options from the parsed flags (the only place that sees the namespace)."""
+    from model.train import TrainOptions
+
+    if args.address:
+        raise NotImplementedError(
+            f"--address {args.address}: the Ray Train launcher is not implemented yet; launch "
+            "DDP with `torchrun --nproc-per-node N -m workflows.train_model ...` instead")
+    if not (args.corpus / "images").is_dir():
+        raise ValueError(f"--corpus {args.corpus}: no images/ folder (not a build-corpus output)")
+    for flag in ("text_weights", "image_weights"):
+        path = getattr(args, flag)
+        if path is not None and not path.exists():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: not found")
+    if not (args.device == "cpu" or args.device.startswith("cuda") or args.device == "mps"):
+        raise ValueError(f"--device {args.device}: expected cpu, cuda, cuda:N or mps")
+    return TrainOptions(
+        corpus=args.corpus, out=args.out, preset=args.preset, global_only=args.global_only,
+        steps=args.steps, device=args.device, batch=args.batch, accum=args.accum,
+        resume=args.resume, text_weights=args.text_weights, image_weights=args.image_weights,
+        seed=args.seed, workers=args.workers, log_every=args.log_every,
+        ckpt_every=args.ckpt_every, stop_after=args.stop_after)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        opts = options_from_args(args)
+        from model.train import run_config
+
+        run_config(opts)  # validates preset and numeric flags before any work
+    except (ValueError, NotImplementedError) as e:
+        print(f"train-model: error: {e}", file=sys.stderr)
+        return 2
+    from model.train import train
+
+    print(json.dumps(train(opts), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
