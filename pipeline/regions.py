@@ -42,6 +42,7 @@ class RegionConfig:
     det_conf: float = 0.25  # detector confidence threshold
     det_iou: float = 0.5  # detector NMS IoU threshold
     min_mask_score: float = 0.0  # drop SAM masks whose predicted IoU is below this
+    box_labels: tuple[str, ...] = ()  # boxes route: only labels containing one of these (all if empty)
     device: str = "cpu"  # model stage device ("cuda", "cuda:1", ...)
 
     def __post_init__(self):
@@ -216,6 +217,8 @@ def label_regions(image: dict, label_slice: np.ndarray, names: dict[int, str],
 
 def label_prompts(image: dict, label_slice: np.ndarray, names: dict[int, str],
                   cfg: RegionConfig) -> list[tuple[str, int, list[float]]]:
-    """The boxes route's prompts from a label slice: (label, value, XYXY box) per component."""
+    """The boxes route's prompts from a label slice: (label, value, XYXY box) per component
+    (only labels matching ``cfg.box_labels`` when it is set)."""
     return [(name, value, bbox_of(mask)) for value, name, mask in
-            components(label_slice, names, image["pixel_spacing_mm"], cfg)]
+            components(label_slice, names, image["pixel_spacing_mm"], cfg)
+            if not cfg.box_labels or any(p in name for p in cfg.box_labels)]

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", help="YOLO weights (.pt) for --roi detector (see train-detector)")
     p.add_argument("--det-conf", type=float, default=0.25, help="detector confidence threshold")
     p.add_argument("--det-iou", type=float, default=0.5, help="detector NMS IoU threshold")
+    p.add_argument("--box-labels", default="",
+                   help="boxes route: only labels containing one of these comma-separated words")
     p.add_argument("--min-area-mm2", type=float, default=4.0,
                    help="label components smaller than this are dropped as fragments")
     p.add_argument("--min-mask-score", type=float, default=0.0,
@@ -94,7 +96,8 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     regions = RegionConfig(
         routes=tuple(args.roi.split(",")), min_area_mm2=args.min_area_mm2,
         segmenter=args.segmenter, detector=args.detector, det_conf=args.det_conf,
-        det_iou=args.det_iou, min_mask_score=args.min_mask_score, device=args.device)
+        det_iou=args.det_iou, min_mask_score=args.min_mask_score, device=args.device,
+        box_labels=tuple(w for w in args.box_labels.split(",") if w))
     return BuildConfig(
         sources=tuple(args.sources), out=args.out, key_file=args.key_file,
         collections=tuple((name, Path(path)) for name, path in args.collection),

@@ -4,7 +4,8 @@ The quick start's main job, the whole chain on the embedded default (local Ray),
   1. make-phantoms: a phantom CT collection (real DICOM + NIfTI label maps, fake PHI)
   2. train-detector (short): YOLO trained from the phantoms' label-map lesions
   3. build-corpus: phantoms + the real files pydicom, nibabel and nilearn ship; regions from
-     label maps and from the detector, masks by LiteMedSAM, captions and hard negatives
+     label maps, LiteMedSAM masks from lesion boxes and from the detector's boxes, captions
+     and hard negatives
   4. train-model (tiny, short) and a global-only baseline with the same budget
   5. evaluate-model on held-out patients (region-aware vs global-only)
   6. browse-catalog: summary, caption check and the HTML gallery
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
           [str(ph), "--out", str(det), "--epochs", str(args.detector_epochs), "--imgsz", "160"], t)
     _step("build-corpus", build_corpus.main,
           [str(ph), *map(str, package_sources()), "--out", str(corpus),
-           "--roi", "labels,detector", "--detector", str(det / "weights" / "detector.pt"),
-           "--det-conf", "0.4", "--segmenter", "lite-medsam"], t)
+           "--roi", "labels,boxes,detector", "--box-labels", "nodule,mass",
+           "--detector", str(det / "weights" / "detector.pt"), "--det-conf", "0.4",
+           "--segmenter", "lite-medsam"], t)
     steps = ["--steps", str(args.model_steps)]
     _step("train-model", train_model.main,
           ["--corpus", str(corpus), "--out", str(model), "--preset", "tiny", *steps], t)

@@ -108,3 +108,17 @@ def test_phantom_lesions_match_ground_truth(tmp_path):
     assert checked >= 6
     assert all(r["source"] == "labels" and r["score"] is None for r in regions)
     assert len({r["region_id"] for r in regions}) == len(regions)
+
+
+def test_boxes_route_prompts_can_be_limited_to_some_labels():
+    from pipeline.regions import label_prompts
+
+    lab = np.zeros((40, 40), np.int32)
+    lab[2:12, 2:12] = 1
+    lab[20:30, 20:30] = 2
+    image = {"pixel_spacing_mm": [1.0, 1.0]}
+    names = {1: "liver", 2: "liver_mass"}
+    every = label_prompts(image, lab, names, RegionConfig(routes=("labels", "boxes"), ignore_labels=()))
+    some = label_prompts(image, lab, names, RegionConfig(routes=("boxes",), box_labels=("mass",)))
+    assert [p[0] for p in every] == ["liver", "liver_mass"]
+    assert some == [("liver_mass", 2, [20.0, 20.0, 30.0, 30.0])]
