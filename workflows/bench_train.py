@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see workflows/train_model.py
+
+import torch  # noqa: E402
 
 
 def _batches(corpus_dir: Path, cfg, n: int, tmp: Path):

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+# OpenMP threads that spin while waiting lose whole time slices when other processes share
+# the cores (steps 2-10x slower and erratic on a busy 2-core machine); must be set before
+# torch loads the OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _parser() -> argparse.ArgumentParser:
