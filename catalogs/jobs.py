@@ -14,7 +14,6 @@ default, or the active distributed client).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.write import ROW_GROUP_ROWS, write_manifest
+from pipeline.write import file_sha256 as _sha256
 
 from .corpus import KEY_COLUMNS, TABLES, Corpus, CorpusError, iter_image_file
 from .verify import (
@@ -229,12 +229,6 @@ def _next_compact_index(c: Corpus) -> int:
     return max(used) + 1
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _key_counts(paths: Sequence[Path], key: str) -> Counter:

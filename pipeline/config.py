@@ -14,17 +14,11 @@ from pathlib import Path
 from .regions import RegionConfig
 from .slicing import SliceConfig
 from .volumes import ReadConfig
+from .write import file_sha256
 
 PIPELINE_VERSION = "0.1.0"
 
 
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes (model checkpoints in provenance)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ which uses this convention (tests/pipeline/test_detect.py checks the round trip)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+
+from .write import file_sha256 as sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,6 @@ def add_thread_callbacks(model) -> None:
         model.add_callback(event, lambda *_: restore_threads())
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_device(device: str) -> str:

@@ -18,7 +18,6 @@ State dicts are loaded with ``torch.load(..., weights_only=True, map_location="c
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from .write import file_sha256
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAM_PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)  # SAM, 0–255 scale
@@ -69,13 +70,6 @@ class ModelParts:
     checkpoint_sha256: str | None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_state_dict(path: str | os.PathLike) -> dict:

@@ -160,7 +160,8 @@ SCHEMAS = {"files": FILES_SCHEMA, "series": SERIES_SCHEMA, "images": IMAGES_SCHE
 ROW_GROUP_ROWS = {"files": 65536, "series": 4096, "images": 256, "regions": 16384}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (shards, model checkpoints)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -189,7 +190,7 @@ def write_table(path: Path, rows: list[dict], table: str) -> dict:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"rows": data.num_rows, "sha256": _sha256(path), "file": str(path.relative_to(
+    return {"rows": data.num_rows, "sha256": file_sha256(path), "file": str(path.relative_to(
         path.parent.parent))}
 
 
