@@ -105,3 +105,28 @@ def test_presets_load():
         cfg = load_preset(name)
         assert cfg.train.total_steps > 0 and cfg.image.image_size % cfg.image.patch_size == 0
         assert json.loads(json.dumps(cfg.to_dict()))["preset"] == name
+
+
+def test_text_weights_from_local_folder(tiny_corpus, micro_preset, tmp_path):
+    """--text-weights: a local pretrained BERT folder supplies weights and its own tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from model.checkpoint import load_run
+    from model.text_tower import load_tokenizer, train_tokenizer
+
+    folder = tmp_path / "bert"
+    tok = load_tokenizer(train_tokenizer(["left lung nodule", "right kidney"], tmp_path / "t",
+                                         100).parent)
+    tok.save_pretrained(str(folder))
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64),
+                     add_pooling_layer=False)
+    bert.save_pretrained(str(folder))
+    run = tmp_path / "run"
+    train(_opts(tiny_corpus, micro_preset, run, steps=2, text_weights=folder))
+    model, run_tok, cfg = load_run(run)
+    assert cfg.text.weights == str(folder) and len(run_tok) == len(tok)
+    assert model.text.width == 32
+    sd = BertModel.from_pretrained(str(folder), add_pooling_layer=False).state_dict()
+    assert not torch.equal(model.text.bert.embeddings.word_embeddings.weight,
+                           sd["embeddings.word_embeddings.weight"])  # fine-tuned from it
