@@ -27,10 +27,6 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _article_free_size(a: dict) -> str:
-    return a["size_class"]
-
-
 def render_region(a: dict, template: str, vocab: dict, modality: str) -> str:
     """One caption from attributes ``a`` and a template string."""
     words = vocab["intensity_words"].get(modality, vocab["intensity_words"]["*"])

@@ -96,12 +96,11 @@ def _decode_planes(datasets, errors: dict) -> list:
     return planes
 
 
-def _facts(ds, array, planes) -> dict:
+def _facts(ds, planes) -> dict:
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     return {
         "inverted_monochrome1": photometric == "MONOCHROME1",
         "color_to_luminance": photometric not in ("MONOCHROME1", "MONOCHROME2", ""),
-        "n_files": None,
         "geometry_known": planes[0].iop is not None,
     }
 
@@ -131,7 +130,7 @@ def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig(),
         return SeriesRead(None, errors, e)
     ds0 = datasets[0][1]
     meta = clean_dicom_meta(ds0, deid)
-    meta.update(_facts(ds0, array, planes), n_files=len(datasets))
+    meta.update(_facts(ds0, planes), n_files=len(datasets))
     return SeriesRead(Volume(array, affine, meta["modality"], meta), errors)
 
 
