@@ -39,6 +39,8 @@ from model.prompts import drop_prompts
 from model.roi import RoiBranch
 from model.text_tower import TextTower, build_text_tower
 
+TEXT_BUCKET = 64  # distinct texts per length bucket in :meth:`RegionCLIP._texts`
+
 
 class RegionCLIP(nn.Module):
     def __init__(self, cfg: RunConfig, image_tower: VisionTransformer, text_tower: TextTower,
@@ -122,12 +124,18 @@ class RegionCLIP(nn.Module):
         return out
 
     def _texts(self, batch: dict, idx: torch.Tensor) -> torch.Tensor:
-        """Embeddings (len(idx), E) of batch texts ``idx``: each distinct text encoded once,
-        padding trimmed to the longest selected text."""
+        """Embeddings (len(idx), E) of batch texts ``idx``: each distinct text encoded once, in
+        length-sorted buckets of about ``TEXT_BUCKET`` texts, each trimmed to its own longest
+        text (short region captions do not pay for the long reports' padding)."""
         uniq, inverse = torch.unique(idx, return_inverse=True)
         mask = batch["text_mask"][uniq]
-        length = int(mask.sum(1).max()) if len(uniq) else 1
-        emb = self.encode_text(batch["text_ids"][uniq, :length], mask[:, :length])
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for chunk in torch.tensor_split(order, max(1, -(-len(order) // TEXT_BUCKET))):
+            n = max(1, int(lengths[chunk].max())) if len(chunk) else 1
+            parts.append(self.encode_text(batch["text_ids"][uniq[chunk], :n], mask[chunk, :n]))
+        emb = torch.cat(parts)[torch.argsort(order)]  # back to ``uniq`` order
         return emb[inverse]
 
 

@@ -3,10 +3,12 @@
 Trains the region-aware CLIP (RegionMed-CLIP ROI branch + MedP-CLIP region prompts) on a corpus
 written by build-corpus, in three progressive stages (global pairs; regions + hard negatives;
 joint). --global-only trains the ablation without the ROI branch on the same step budget.
-Launch with torchrun for DDP. Rerun with --resume to continue a killed run.
+Launch with torchrun for DDP, or give --address for Ray Train (--address local: an embedded Ray
+on this machine). Rerun with --resume to continue a killed run.
 
     train-model --corpus data/corpus --out runs/tiny --preset tiny --device cpu
     train-model --corpus data/corpus --out runs/tiny_global --preset tiny --global-only
+    train-model --corpus data/corpus --out runs/ddp --address auto --ray-workers 8 --device cuda
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, help="steps between log rows")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # simulate a kill (tests)
-    p.add_argument("--address", help="Ray cluster address (Ray Train launcher; not implemented)")
+    p.add_argument("--address", help="run on Ray Train: a cluster address (auto, ray://head:10001) "
+                   "or local (a fresh embedded Ray on this machine)")
+    p.add_argument("--ray-workers", type=int, default=1,
+                   help="with --address: training processes (ranks; one GPU each on cuda)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="with --address: CPUs reserved per rank (also its torch threads)")
+    p.add_argument("--max-failures", type=int, default=1,
+                   help="with --address: restarts of the worker group after a failure")
     return p
 
 
@@ -50,10 +59,6 @@ def options_from_args(args: argparse.Namespace):
     """Typed options from the parsed flags (the only place that sees the namespace)."""
     from model.train import TrainOptions
 
-    if args.address:
-        raise NotImplementedError(
-            f"--address {args.address}: the Ray Train launcher is not implemented yet; launch "
-            "DDP with `torchrun --nproc-per-node N -m workflows.train_model ...` instead")
     if not (args.corpus / "images").is_dir():
         raise ValueError(f"--corpus {args.corpus}: no images/ folder (not a build-corpus output)")
     for flag in ("text_weights", "image_weights"):
@@ -70,16 +75,38 @@ def options_from_args(args: argparse.Namespace):
         ckpt_every=args.ckpt_every, stop_after=args.stop_after)
 
 
+def ray_options_from_args(args: argparse.Namespace):
+    """Ray Train launch options, or None without ``--address``."""
+    from model.ray_train import RayOptions
+
+    if not args.address:
+        return None
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError(f"--address {args.address}: launched by torchrun already; use one")
+    if args.ray_workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
+        raise ValueError(f"--ray-workers {args.ray_workers} / --cpus-per-worker "
+                         f"{args.cpus_per_worker} / --max-failures {args.max_failures}: "
+                         "need >= 1 / > 0 / >= 0")
+    return RayOptions(address=args.address, workers=args.ray_workers,
+                      cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         opts = options_from_args(args)
+        ray_opts = ray_options_from_args(args)
         from model.train import run_config
 
         run_config(opts)  # validates preset and numeric flags before any work
-    except (ValueError, NotImplementedError) as e:
+    except ValueError as e:
         print(f"train-model: error: {e}", file=sys.stderr)
         return 2
+    if ray_opts is not None:
+        from model.ray_train import train_on_ray
+
+        print(json.dumps(train_on_ray(opts, ray_opts), indent=1))
+        return 0
     from model.train import train
 
     print(json.dumps(train(opts), indent=1))

@@ -1,0 +1,78 @@
+"""Ray Train launcher: the same :func:`model.train.train` loop on N Ray workers (``--address``).
+
+Ray Train's ``TorchTrainer`` starts ``workers`` processes on the cluster (``resources`` CPUs and,
+for ``cuda`` devices, one GPU each), initialises the torch process group (gloo on CPU, NCCL on
+GPU) and sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as torchrun does, so the loop, its shard
+dealing per rank and its feature gathering across ranks are unchanged. Checkpoints stay the
+run's own (``RUN/ckpt/last.pt``, written by rank 0): on a multi-node cluster ``RUN`` must be on
+storage every node sees. When a worker dies, Ray restarts the whole group (up to
+``max_failures`` times) and the loop resumes from the last checkpoint this launch wrote.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from model.checkpoint import ckpt_path
+from model.train import TrainOptions
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str  # "auto", "ray://head:10001", "HOST:PORT", or "local" (a fresh embedded Ray)
+    workers: int = 1  # training processes (ranks)
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1  # whole-group restarts after a worker failure
+
+
+def _loop(config: dict) -> None:
+    """Per-worker entry point: resume when this launch already checkpointed (a restart)."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    from model.train import train
+
+    opts: TrainOptions = config["opts"]
+    torch.set_num_threads(max(1, int(config["threads"])))
+    ckpt = ckpt_path(opts.out)
+    restarted = ckpt.exists() and ckpt.stat().st_mtime >= config["launched"]
+    train(replace(opts, resume=opts.resume or restarted))
+
+
+def train_on_ray(opts: TrainOptions, ray_opts: RayOptions) -> dict:
+    """Run :func:`model.train.train` on ``ray_opts.workers`` Ray Train workers; the same summary
+    dict as ``train``. Starts (and stops) an embedded Ray for ``address="local"``."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = not ray.is_initialized()
+    if started and ray_opts.address == "local":
+        ray.init(address="local", num_cpus=max(1, round(ray_opts.workers
+                                                        * ray_opts.cpus_per_worker)),
+                 include_dashboard=False, log_to_driver=True)
+    elif started:
+        ray.init(address=ray_opts.address)
+    try:
+        out = opts.out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        gpu = opts.device.startswith("cuda")
+        trainer = TorchTrainer(
+            _loop,
+            train_loop_config={"opts": replace(opts, out=out, corpus=opts.corpus.resolve()),
+                               "launched": time.time(),
+                               "threads": ray_opts.cpus_per_worker},
+            scaling_config=ScalingConfig(num_workers=ray_opts.workers, use_gpu=gpu,
+                                         resources_per_worker={"CPU": ray_opts.cpus_per_worker}),
+            run_config=RunConfig(name="ray_train", storage_path=str(out),
+                                 failure_config=FailureConfig(max_failures=ray_opts.max_failures)),
+        )
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    return {"run": str(opts.out), "checkpoint": str(ckpt_path(opts.out)),
+            "launcher": "ray", "workers": ray_opts.workers}
