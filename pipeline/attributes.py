@@ -23,19 +23,21 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+import cv2
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import perimeter
 
 from .regions import (
-    _otsu_body,
+    body_mask,
     body_midline_x,
     centroid_ras,
+    convex_hull,
     crop,
     decode_rle,
     laterality,
     max_diameter_mm,
+    to_uint8,
 )
 
 VOCAB_DIR = Path(__file__).parent / "captions"
@@ -109,28 +111,27 @@ def shape(mask: np.ndarray) -> tuple[float, float, float, str]:
     """(circularity, elongation, solidity, class) of an (H, W) bool mask, in pixel units.
 
     circularity 4πA/P² (P: skimage's perimeter), elongation 1 − minor/major axis from the
-    second moments, solidity A / area of the convex hull of the pixels' corners."""
+    second central moments, solidity A / area of the convex hull of the pixels (unit squares)."""
     mask = crop(mask, 1)[0]
     area = float(mask.sum())
     p = perimeter(mask)
     circ = float(min(1.0, 4 * math.pi * area / p**2)) if p > 0 else 1.0
-    r, c = np.nonzero(mask)
-    cov = np.cov(np.stack([r, c]).astype(np.float64)) if r.size > 1 else np.zeros((2, 2))
-    ev = np.sort(np.clip(np.linalg.eigvalsh(cov), 0, None))
-    elong = float(1 - np.sqrt(ev[0] / ev[1])) if ev[1] > 0 else 0.0
-    corners = np.concatenate([np.stack([c + dc, r + dr], 1) for dc in (0, 1) for dr in (0, 1)])
-    try:
-        hull_area = float(ConvexHull(corners.astype(np.float64)).volume)
-    except QhullError:
-        hull_area = area
+    m = cv2.moments(mask.view(np.uint8), binaryImage=True)
+    a, b, c = m["mu20"], m["mu11"], m["mu02"]  # eigenvalues of [[a, b], [b, c]]
+    half, root = (a + c) / 2, math.sqrt(max(0.0, ((a - c) / 2) ** 2 + b * b))
+    major, minor = half + root, max(0.0, half - root)
+    elong = float(1 - math.sqrt(minor / major)) if major > 0 else 0.0
+    hull = convex_hull(mask)
+    hull_area = float(cv2.contourArea(hull)) if len(hull) >= 3 else area
     solid = float(min(1.0, area / hull_area)) if hull_area > 0 else 1.0
     cls = "irregular" if solid < 0.85 else "oval" if elong > 0.35 else "round"
     return round(circ, 4), round(elong, 4), round(solid, 4), cls
 
 
-def _location(mask, centroid_px, organs, spacing, vocab) -> tuple[str | None, str | None]:
+def _location(mask, organs, spacing, vocab) -> tuple[str | None, str | None]:
     """("in" | "next to", organ display) for a lesion, from the organ masks on the image."""
-    r, c = (int(round(v)) for v in centroid_px)
+    rr, cc = np.nonzero(mask)
+    r, c = int(round(rr.mean())), int(round(cc.mean()))
     for name, organ in organs:
         if organ[min(r, organ.shape[0] - 1), min(c, organ.shape[1] - 1)]:
             return "in", name
@@ -162,29 +163,30 @@ def _filled(mask: np.ndarray) -> np.ndarray:
 
 
 def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
-                      vocab: dict | None = None, trust_rows: bool = False) -> list[dict]:
+                      vocab: dict | None = None, trust_rows: bool = False,
+                      body: np.ndarray | None = None) -> list[dict]:
     """One attribute record per region of ``image`` (same order), from stored data only.
 
     ``trust_rows``: reuse the rows' ``max_diameter_mm`` (computed from the same mask by the
-    same function when the row was made) instead of measuring again; the checker never does."""
+    same function when the row was made) instead of measuring again; the checker never does.
+    ``body``: the image's :func:`~pipeline.regions.body_mask` when the caller has it already."""
     vocab = vocab or load_vocab()
     masks = [decode_rle(r["mask_rle"]) if r["mask_rle"] else None for r in regions]
-    grey8 = pixels if pixels.dtype == np.uint8 else (pixels >> 8).astype(np.uint8)
-    body = _otsu_body(grey8)
+    if body is None:
+        body = body_mask(to_uint8(pixels))
     midline = body_midline_x(image["pixel_to_ras"], body)
+    lesions = [m is not None and is_lesion(r["label"], vocab) for r, m in zip(regions, masks, strict=True)]
     organs = _organs([m if m is not None else np.zeros(pixels.shape, bool) for m in masks],
-                     regions, vocab)
+                     regions, vocab) if any(lesions) else []
     spacing = image["pixel_spacing_mm"]
     values = modality_values(pixels, image) if image["modality"] == "CT" else None
     out = []
-    for region, mask in zip(regions, masks, strict=True):
+    for region, mask, lesion in zip(regions, masks, lesions, strict=True):
         if mask is None or not mask.any():
             out.append(None)
             continue
-        lesion = is_lesion(region["label"], vocab)
         cen = centroid_ras(mask, image["pixel_to_ras"])
-        rr, cc = np.nonzero(mask)
-        rel, loc = _location(mask, (rr.mean(), cc.mean()), organs, spacing, vocab) if lesion else (None, None)
+        rel, loc = _location(mask, organs, spacing, vocab) if lesion else (None, None)
         diam = region.get("max_diameter_mm") if trust_rows else None
         diam = max_diameter_mm(mask, spacing) if diam is None else diam
         icls, ival, unit = intensity(mask, pixels, image, body, vocab, values)

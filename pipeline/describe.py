@@ -171,10 +171,11 @@ def summary_and_report(image: dict, attrs: list[dict], captions: list[str], voca
 
 
 def describe_image(image: dict, pixels, regions: list[dict], seed: int = 0,
-                   version: str = "v1") -> None:
-    """Fill caption columns of ``image`` and of its ``regions`` (in place)."""
+                   version: str = "v1", body=None) -> None:
+    """Fill caption columns of ``image`` and of its ``regions`` (in place); ``body``: the
+    image's body mask if already computed."""
     vocab = load_vocab(version)
-    attrs = derive_attributes(image, pixels, regions, vocab, trust_rows=True)
+    attrs = derive_attributes(image, pixels, regions, vocab, trust_rows=True, body=body)
     captions = []
     for k, (region, a) in enumerate(zip(regions, attrs, strict=True)):
         region["caption_version"] = vocab["version"]
@@ -195,14 +196,16 @@ def describe_image(image: dict, pixels, regions: list[dict], seed: int = 0,
 
 
 def describe_all(images: list[dict], regions: list[dict], seed: int = 0,
-                 pixels: dict | None = None) -> None:
-    """Caption every image and region (in place); ``pixels`` maps image_id → decoded PNG."""
+                 pixels: dict | None = None, bodies: dict | None = None) -> None:
+    """Caption every image and region (in place); ``pixels`` maps image_id → decoded PNG and
+    ``bodies`` image_id → body mask, where the caller has them."""
     from .propose import decode_png
 
     by_image: dict[str, list[dict]] = {}
     for r in regions:
         by_image.setdefault(r["image_id"], []).append(r)
     for image in images:
-        px = (pixels or {}).get(image["image_id"])
+        iid = image["image_id"]
+        px = (pixels or {}).get(iid)
         describe_image(image, decode_png(image) if px is None else px,
-                       by_image.get(image["image_id"], []), seed)
+                       by_image.get(iid, []), seed, body=(bodies or {}).get(iid))

@@ -12,7 +12,6 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from .config import PIPELINE_VERSION, BuildConfig
@@ -22,7 +21,8 @@ from .dicom_io import dcmread_safe
 from .errors import SKIP_REASONS, IngestError
 from .labels import label_names_from_json, read_mask_folder, read_nifti_labels
 from .labels_dicom import rasterize_rtstruct, read_dicom_seg
-from .regions import RegionConfig, label_prompts, label_regions
+from .propose import decode_png
+from .regions import RegionConfig, body_mask, label_prompts, label_regions, to_uint8
 from .slicing import SliceConfig, cut_images
 from .volume import Volume
 from .volumes import read_dicom_series, read_nifti
@@ -185,26 +185,25 @@ def _slicing_for(vol: Volume, cfg: SliceConfig) -> SliceConfig:
     return replace(cfg, planes=(PLANE_OF_SINGLETON_AXIS[flat[-1]],), every_k=1)
 
 
-def _pixels(png: bytes) -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-
-
-def _propose_from_labels(images, result: UnitResult, names, rcfg: RegionConfig) -> dict:
+def _propose_from_labels(images, result: UnitResult, names,
+                         rcfg: RegionConfig) -> tuple[dict, dict]:
     """labels route: exact regions; boxes route: component boxes as prompts for the segmenter.
 
-    Returns image_id → decoded pixels of the images it decoded (reused by the captions)."""
-    decoded = {}
+    Returns (image_id → decoded pixels, image_id → body mask) of the images it decoded, reused
+    by the captions."""
+    decoded, bodies = {}, {}
     for img, row in zip(images, result.images, strict=True):
         if img.labels is None:
             continue
         if "labels" in rcfg.routes:
-            decoded[row["image_id"]] = pixels = _pixels(img.png)
-            result.regions += label_regions(row, img.labels, names, rcfg, pixels)
+            decoded[row["image_id"]] = pixels = decode_png(row)
+            bodies[row["image_id"]] = body = body_mask(to_uint8(pixels))
+            result.regions += label_regions(row, img.labels, names, rcfg, body=body)
         if "boxes" in rcfg.routes:
             prompts = label_prompts(row, img.labels, names, rcfg)
             if prompts:
                 result.prompts[row["image_id"]] = prompts
-    return decoded
+    return decoded, bodies
 
 
 def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
@@ -221,9 +220,9 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
     split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
     images = cut_images(vol, _slicing_for(vol, cfg.slicing))  # 4D: frame cfg.slicing.frame
     result.images = [_image_row(task, vol, img, split) for img in images]
-    decoded = _propose_from_labels(images, result, vol.label_names, cfg.regions)
+    decoded, bodies = _propose_from_labels(images, result, vol.label_names, cfg.regions)
     if not {"boxes", "detector"} & set(cfg.regions.routes):  # else the model stage describes
-        describe_all(result.images, result.regions, cfg.caption_seed, decoded)
+        describe_all(result.images, result.regions, cfg.caption_seed, decoded, bodies)
     result.series = _series_row(task, vol, label_source, split, len(images))
     for idx, _ in task.image_files:
         result.files.setdefault(idx, ("ingested", "ok", None))

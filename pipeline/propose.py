@@ -13,17 +13,13 @@ import cv2
 import numpy as np
 
 from .describe import describe_all
-from .regions import RegionConfig, body_midline_x, region_row
+from .regions import RegionConfig, body_mask, body_midline_x, region_row, to_uint8
 
 
 def decode_png(image_row: dict) -> np.ndarray:
     """(H, W) uint8 (or uint16) pixels of an images-table row."""
     data = np.frombuffer(image_row["image"]["bytes"], np.uint8)
     return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-
-
-def _to8(px: np.ndarray) -> np.ndarray:
-    return px if px.dtype == np.uint8 else (px >> 8).astype(np.uint8)
 
 
 class ModelStage:
@@ -54,10 +50,11 @@ class ModelStage:
                       for box, s, lab in zip(boxes, scores, labels, strict=True)]
         return items
 
-    def _rows_for(self, image: dict, px: np.ndarray, items: list[tuple]) -> list[dict]:
+    def _rows_for(self, image: dict, px: np.ndarray, body: np.ndarray,
+                  items: list[tuple]) -> list[dict]:
         boxes = np.array([it[2] for it in items], np.float32).reshape(-1, 4)
-        masks, ious = self.segmenter.predict(_to8(px), boxes)
-        midline = body_midline_x(image["pixel_to_ras"], None, _to8(px))
+        masks, ious = self.segmenter.predict(to_uint8(px), boxes)
+        midline = body_midline_x(image["pixel_to_ras"], body)
         rows = []
         for k, (label, value, box, source, conf) in enumerate(items):
             mask = _box_mask(px.shape, box) if masks is None else masks[k]
@@ -79,14 +76,16 @@ class ModelStage:
         (``label_rows`` are the labels-route rows of the same images, captioned in place)."""
         todo = [im for im in images if self.detector is not None or im["image_id"] in prompts]
         pixels = {im["image_id"]: decode_png(im) for im in todo}
-        batch = [_to8(pixels[im["image_id"]]) for im in todo]
+        batch = [to_uint8(pixels[im["image_id"]]) for im in todo]
+        bodies = {im["image_id"]: body_mask(b) for im, b in zip(todo, batch, strict=True)}
         dets = self.detector.predict(batch) if self.detector else [None] * len(todo)
         rows = []
         for image, det in zip(todo, dets, strict=True):
             items = self._items(image["image_id"], prompts, det)
             if items:
-                rows += self._rows_for(image, pixels[image["image_id"]], items)
-        describe_all(images, [*label_rows, *rows], seed, pixels)
+                rows += self._rows_for(image, pixels[image["image_id"]],
+                                       bodies[image["image_id"]], items)
+        describe_all(images, [*label_rows, *rows], seed, pixels, bodies)
         return rows
 
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
 EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -89,38 +89,61 @@ def crop(mask: np.ndarray, pad: int = 1) -> tuple[np.ndarray, int, int]:
     return mask[r0:r1 + pad + 1, c0:c1 + pad + 1], int(r0), int(c0)
 
 
+def hull_points(mask: np.ndarray) -> np.ndarray:
+    """(N, 2) int32 (x, y) pixel-corner points whose convex hull is the hull of the mask's
+    pixels (each pixel a unit square): the corners of every row's leftmost and rightmost pixel.
+    Empty (0, 2) for an empty mask."""
+    rows = np.flatnonzero(mask.any(1))
+    if rows.size == 0:
+        return np.zeros((0, 2), np.int32)
+    sub = mask[rows]
+    left = sub.argmax(1)
+    right = sub.shape[1] - sub[:, ::-1].argmax(1)  # one past the rightmost pixel
+    x = np.concatenate([left, left, right, right])
+    y = np.concatenate([rows, rows + 1, rows, rows + 1])
+    return np.stack([x, y], 1).astype(np.int32)
+
+
+def convex_hull(mask: np.ndarray) -> np.ndarray:
+    """(V, 2) int32 vertices (x, y, pixel-corner coordinates) of the convex hull of the mask's
+    pixels (OpenCV's hull of :func:`hull_points`)."""
+    pts = hull_points(mask)
+    if len(pts) == 0:
+        return pts
+    return cv2.convexHull(pts).reshape(-1, 2)
+
+
 def max_diameter_mm(mask: np.ndarray, spacing_mm) -> float:
-    """Maximal Feret diameter in mm of an (H, W) bool mask with (row_mm, col_mm) spacing."""
-    mask = crop(mask, 1)[0]
-    edge = mask & ~ndimage.binary_erosion(mask)
-    r, c = np.nonzero(edge)
-    if r.size == 0:
+    """Maximal Feret diameter in mm of an (H, W) bool mask with (row_mm, col_mm) spacing: the
+    largest distance between two vertices of its pixels' convex hull (a positive diagonal
+    scaling keeps the hull's vertex set, so the hull is taken in pixel units)."""
+    hull = convex_hull(mask)
+    if len(hull) == 0:
         return 0.0
-    corners = np.concatenate([np.stack([c + dc, r + dr], 1) for dc in (0, 1) for dr in (0, 1)])
-    pts = corners.astype(np.float64) * [spacing_mm[1], spacing_mm[0]]
-    try:
-        pts = pts[ConvexHull(pts).vertices]
-    except QhullError:  # collinear points (a one-pixel-wide line): the extremes suffice
-        pts = pts[[pts[:, 0].argmin(), pts[:, 0].argmax(), pts[:, 1].argmin(), pts[:, 1].argmax()]]
+    pts = hull.astype(np.float64) * [spacing_mm[1], spacing_mm[0]]
     d = pts[:, None, :] - pts[None, :, :]
     return float(np.sqrt((d**2).sum(-1)).max())
 
 
 def centroid_ras(mask: np.ndarray, pixel_to_ras: np.ndarray) -> list[float]:
     """RAS mm of the centroid of the mask's pixel centres."""
-    r, c = np.nonzero(mask)
-    p = np.array([c.mean(), r.mean(), 1.0])
+    sub, r0, c0 = crop(mask, 0)
+    r, c = np.nonzero(sub)
+    p = np.array([c.mean() + c0, r.mean() + r0, 1.0])
     return [float(v) for v in np.asarray(pixel_to_ras).reshape(3, 3) @ p]
 
 
-def _otsu_body(image: np.ndarray) -> np.ndarray:
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 view of stored pixels: 8-bit as is, 16-bit by their top byte."""
+    return pixels if pixels.dtype == np.uint8 else (pixels >> 8).astype(np.uint8)
+
+
+def body_mask(image: np.ndarray) -> np.ndarray:
     """(H, W) bool body: the largest 8-connected component above Otsu's threshold of the
     uint8 image, holes filled (dark organs inside the body, e.g. lungs in a soft-tissue
     window, are body too)."""
     if image.max() == image.min():
         return np.zeros(image.shape, bool)
-    import cv2
-
     thr, _ = cv2.threshold(np.ascontiguousarray(image, np.uint8), 0, 255,
                            cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     fg = (image > thr).astype(np.uint8)
@@ -137,7 +160,7 @@ def _otsu_body(image: np.ndarray) -> np.ndarray:
 def body_midline_x(pixel_to_ras, body: np.ndarray | None = None, image=None) -> float | None:
     """RAS x (mm) of the middle of the body's extent on this slice (see module doc)."""
     if body is None or not body.any():
-        body = _otsu_body(image) if image is not None else None
+        body = body_mask(image) if image is not None else None
     if body is None or not body.any():
         return None
     r, c = np.nonzero(body)
@@ -204,13 +227,17 @@ def region_row(image: dict, label: str, value: int | None, source: str, mask: np
 
 
 def label_regions(image: dict, label_slice: np.ndarray, names: dict[int, str],
-                  cfg: RegionConfig, pixels: np.ndarray | None = None) -> list[dict]:
-    """The labels route for one image: exact regions from its (H, W) int label slice."""
+                  cfg: RegionConfig, pixels: np.ndarray | None = None,
+                  body: np.ndarray | None = None) -> list[dict]:
+    """The labels route for one image: exact regions from its (H, W) int label slice.
+
+    The midline comes from the body of the stored image (as the caption checker re-derives
+    it): ``body`` when the caller has it (:func:`body_mask` of the uint8 pixels), else
+    computed from ``pixels``."""
     comps = components(label_slice, names, image["pixel_spacing_mm"], cfg)
     if not comps:
         return []
-    # the body comes from the image itself (as the caption checker re-derives it)
-    midline = body_midline_x(image["pixel_to_ras"], None, pixels)
+    midline = body_midline_x(image["pixel_to_ras"], body, pixels)
     return [region_row(image, name, value, "labels", mask, bbox_of(mask), midline, cfg)
             for value, name, mask in comps]
 

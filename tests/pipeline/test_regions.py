@@ -13,6 +13,7 @@ from pipeline.regions import (
     RegionConfig,
     bbox_of,
     components,
+    convex_hull,
     decode_rle,
     encode_rle,
     laterality,
@@ -44,6 +45,35 @@ def test_max_diameter_respects_anisotropic_spacing():
     yy, xx = np.mgrid[:101, :101]
     disk = (yy - 50) ** 2 + (xx - 50) ** 2 <= 40**2  # radius 40 px at 0.25 mm → 20 mm
     assert 20.0 <= max_diameter_mm(disk, (0.25, 0.25)) <= 20.0 + 0.25 * 1.5
+
+
+def _all_corners(mask: np.ndarray) -> np.ndarray:
+    r, c = np.nonzero(mask)
+    return np.concatenate([np.stack([c + dc, r + dr], 1) for dc in (0, 1) for dr in (0, 1)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_hull_matches_hull_of_every_pixel_corner(seed):
+    """The per-row-extremes hull (what Feret diameter and solidity use) equals scipy's hull of
+    every corner of every pixel: same area, same largest vertex distance in mm."""
+    from scipy.spatial import ConvexHull
+
+    rng = np.random.default_rng(seed)
+    m = np.zeros((48, 64), bool)
+    for _ in range(3):  # a few overlapping blobs and a one-pixel line: concave, ragged shapes
+        r0, c0 = rng.integers(0, 40), rng.integers(0, 56)
+        m[r0:r0 + rng.integers(1, 9), c0:c0 + rng.integers(1, 9)] = True
+    m[rng.integers(0, 48), 5:40] = True
+    pts = _all_corners(m).astype(float)
+    ref = ConvexHull(pts)
+    hull = convex_hull(m).astype(float)
+    area = 0.5 * abs(np.dot(hull[:, 0], np.roll(hull[:, 1], 1))
+                     - np.dot(hull[:, 1], np.roll(hull[:, 0], 1)))
+    assert area == pytest.approx(ref.volume)
+    spacing = (0.7, 1.3)
+    v = pts[ref.vertices] * [spacing[1], spacing[0]]
+    brute = np.sqrt(((v[:, None] - v[None]) ** 2).sum(-1)).max()
+    assert max_diameter_mm(m, spacing) == pytest.approx(brute)
 
 
 def test_fragments_below_min_area_are_dropped():
