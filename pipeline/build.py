@@ -112,7 +112,8 @@ def _provenance(cfg: BuildConfig) -> dict:
     from .attributes import load_vocab
     from .config import file_sha256
 
-    return {"caption_version": load_vocab()["version"], "executor": cfg.execution.executor,
+    return {"caption_version": load_vocab()["version"], "caption_seed": cfg.caption_seed,
+            "executor": cfg.execution.executor,
             "routes": list(cfg.regions.routes), "segmenter": cfg.regions.segmenter,
             "detector_sha256": file_sha256(cfg.regions.detector) if cfg.regions.detector else None}
 

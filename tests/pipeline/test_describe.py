@@ -104,13 +104,18 @@ def test_negative_that_would_describe_another_region_is_not_used():
 
 
 def test_captions_are_seeded_and_varied():
+    """Same seed → the same captions; other seeds rephrase the same region (several variants
+    over six seeds), and within one seed regions do not all share one phrasing."""
     hu = _body()
     masks = [_disk(hu.shape, (30 + 12 * k, 40 + 20 * k), 4) for k in range(4)]
     image, px = _image(hu)
-    runs = []
-    for seed in (0, 0, 1):
+
+    def captions(seed):
         regions = [_region(f"r{k}", "lung_nodule", m) for k, m in enumerate(masks)]
         describe_image(dict(image), px, regions, seed=seed)
-        runs.append([r["caption_region"] for r in regions])
-    assert runs[0] == runs[1]
-    assert runs[0] != runs[2] or len(set(runs[0])) > 1
+        return [r["caption_region"] for r in regions]
+
+    runs = {seed: captions(seed) for seed in range(6)}
+    assert captions(0) == runs[0]
+    assert len({run[0] for run in runs.values()}) >= 2  # region r0 phrased differently
+    assert any(runs[s] != runs[0] for s in range(1, 6))
