@@ -108,6 +108,9 @@ def _works(entries, tasks, cfg) -> list[ShardWork]:
     return out
 
 
+MANIFEST_EVERY_S = 5.0  # manifest refresh interval while shards commit
+
+
 def _provenance(cfg: BuildConfig) -> dict:
     from .attributes import load_vocab
     from .config import file_sha256
@@ -141,9 +144,16 @@ def build(cfg: BuildConfig) -> dict:
           f"({len(works) - len(pending)} already committed)", file=sys.stderr)
     extra = {"missing_decoders": missing, **_provenance(cfg)}
 
+    last = [0.0]
+
     def on_marker(marker: dict) -> None:
+        """Record a committed shard; refresh manifest.json at most every MANIFEST_EVERY_S (the
+        markers are the truth, the manifest their summary: rewriting it per shard would cost
+        O(shards²) on big runs). The final manifest is written below."""
         markers[marker["shard"]] = marker
-        write_manifest(cfg.out, summarize(len(entries), markers, cfg, deid, timings, extra))
+        if time.monotonic() - last[0] >= MANIFEST_EVERY_S:
+            write_manifest(cfg.out, summarize(len(entries), markers, cfg, deid, timings, extra))
+            last[0] = time.monotonic()
 
     t = time.monotonic()
     run = run_ray if cfg.execution.executor == "ray" else run_local
