@@ -317,14 +317,25 @@ def write_patient(ph: Phantom, who: PatientIdentity, out: Path) -> Path:
     return folder
 
 
-def make_phantoms(out: Path, patients: int = 8, seed: int = 0, matrix: int = 160) -> list[Path]:
-    """Generate ``patients`` studies under ``out``; returns the patient folders in index order."""
-    if patients < 1 or seed < 0 or matrix < 32:
-        raise ValueError(
-            f"need patients >= 1, seed >= 0, matrix >= 32 (got {patients}, {seed}, {matrix})"
-        )
+def _make_one(out: Path, seed: int, index: int, matrix: int) -> Path:
+    return write_patient(build_phantom(sample_spec(seed, index, matrix)),
+                         patient_identity(seed, index), out)
+
+
+def make_phantoms(out: Path, patients: int = 8, seed: int = 0, matrix: int = 160,
+                  workers: int = 1) -> list[Path]:
+    """Generate ``patients`` studies under ``out`` (``workers`` processes; each study depends
+    only on (seed, index), so the files are the same for any worker count); returns the
+    patient folders in index order."""
+    if patients < 1 or seed < 0 or matrix < 32 or workers < 1:
+        raise ValueError(f"need patients >= 1, seed >= 0, matrix >= 32, workers >= 1 "
+                         f"(got {patients}, {seed}, {matrix}, {workers})")
     Path(out).mkdir(parents=True, exist_ok=True)
-    return [
-        write_patient(build_phantom(sample_spec(seed, i, matrix)), patient_identity(seed, i), out)
-        for i in range(patients)
-    ]
+    if workers == 1:
+        return [_make_one(out, seed, i, matrix) for i in range(patients)]
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(partial(_make_one, out, seed, matrix=matrix), range(patients),
+                             chunksize=8))

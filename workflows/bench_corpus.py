@@ -101,7 +101,7 @@ def run_size(target: int, workers: int, executor: str, work: Path, plain: bool =
     patients = max(1, math.ceil(target / REGIONS_PER_PATIENT))
     src = work / f"ph{patients}"
     if not src.exists():
-        make_phantoms(src, patients=patients, seed=0)
+        make_phantoms(src, patients=patients, seed=0, workers=workers)
     for old in (work / f"corpus{patients}", work / f"plain{patients}"):
         shutil.rmtree(old, ignore_errors=True)  # a kept corpus would only be resumed
     n_floor, t_floor = floor(src, workers)

@@ -27,6 +27,7 @@ class PhantomConfig:
     patients: int = 8
     seed: int = 0
     matrix: int = 160
+    workers: int = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         default=160,
         help=f"in-plane matrix size (rows = columns), {MATRIX_RANGE[0]}..{MATRIX_RANGE[1]}",
     )
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes (the studies are the same for any count)")
     return p
 
 
@@ -60,14 +63,18 @@ def parse_config(argv: list[str] | None = None) -> PhantomConfig:
         parser.error(
             f"--matrix must be between {MATRIX_RANGE[0]} and {MATRIX_RANGE[1]}, got {ns.matrix}"
         )
+    if ns.workers < 1:
+        parser.error(f"--workers must be >= 1, got {ns.workers}")
     if ns.out.exists() and not ns.out.is_dir():
         parser.error(f"--out must be a folder, got existing file {str(ns.out)!r}")
-    return PhantomConfig(out=ns.out, patients=ns.patients, seed=ns.seed, matrix=ns.matrix)
+    return PhantomConfig(out=ns.out, patients=ns.patients, seed=ns.seed, matrix=ns.matrix,
+                         workers=ns.workers)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
-    folders = make_phantoms(cfg.out, patients=cfg.patients, seed=cfg.seed, matrix=cfg.matrix)
+    folders = make_phantoms(cfg.out, patients=cfg.patients, seed=cfg.seed, matrix=cfg.matrix,
+                            workers=cfg.workers)
     print(f"wrote {len(folders)} phantom studies to {cfg.out}", file=sys.stderr)
     return 0
 
