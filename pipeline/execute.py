@@ -138,6 +138,8 @@ def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_mar
         items = [{"k": w.k, "work": pickle.dumps(w)} for w in works]
         if not items:
             return
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver prints its own progress lines (below)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ex = cfg.execution
         retries = ex.max_retries  # explicit: Ray's default for crashed workers is to retry
