@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.write import ROW_GROUP_ROWS, write_manifest
+from pipeline.write import ROW_GROUP_ROWS, atomic_write_bytes, write_manifest
 from pipeline.write import file_sha256 as _sha256
 
 from .corpus import KEY_COLUMNS, TABLES, Corpus, CorpusError, iter_image_file
@@ -281,6 +281,22 @@ def _write_merged(root: str, table: str, new_name: str, sources: list[str],
     return {"file": f"{table}/{final.name}", "rows": rows, "sha256": _sha256(final)}
 
 
+def compact_marker(root: Path, name: str, group: list[str], tables: dict) -> dict:
+    """Commit marker of compact shard ``name``: its tables, the shards it ``replaces`` and their
+    summed status counts. A later build-corpus run into the corpus treats the replaced shards
+    as committed (not redone) and keeps this shard in the manifest it writes."""
+    status, reasons = Counter(), Counter()
+    for s in group:
+        for path in (root / "_commits" / f"{s}.json", root / "_commits" / "replaced" / f"{s}.json"):
+            if path.exists():
+                stats = json.loads(path.read_text()).get("stats", {})
+                status.update(stats.get("status", {}))
+                reasons.update(stats.get("quarantined_by_reason", {}))
+                break
+    return {"shard": name, "tables": tables, "replaces": list(group),
+            "stats": {"status": dict(status), "quarantined_by_reason": dict(reasons)}}
+
+
 def compact(corpus: Corpus | str | Path, target_bytes: int = 256 << 20, min_group: int = 2,
             remove_replaced: bool = True, dry_run: bool = False, scheduler=None) -> dict:
     """Merge small shards into ``compact-XXXXX`` shards (see :func:`plan_compaction`), one dask
@@ -293,14 +309,16 @@ def compact(corpus: Corpus | str | Path, target_bytes: int = 256 << 20, min_grou
     2. the new manifest (replaced shards removed, compact shards added with ``replaces``;
        ``rows`` unchanged) is checked for equal per-table totals and written atomically
        (temporary file + rename): readers see either the old or the new set of files;
-    3. the replaced files are deleted (``remove_replaced``), and their commit markers move to
+    3. a commit marker per compact shard (:func:`compact_marker`, naming the shards it
+       replaces) is written to ``DIR/_commits/``;
+    4. the replaced files are deleted (``remove_replaced``), and their commit markers move to
        ``DIR/_commits/replaced/``.
 
     A crash before step 2 leaves unreferenced ``compact-*`` files (ignored, and a later
     compaction picks fresh names); after step 2, unreferenced old files. Run it on a finished
-    corpus only (``complete`` in the manifest), never while build-corpus writes to it: a later
-    build-corpus run into the same directory would redo the replaced shards and rewrite the
-    manifest without the compact ones (consistent, no duplicates, but the work is redone).
+    corpus only (``complete`` in the manifest), never while build-corpus writes to it. A later
+    build-corpus run into the same directory (same command) finds the compact markers, skips
+    the replaced shards and writes a manifest with the compact shards: nothing is redone.
     Returns {"groups": {new: [replaced...]}, "rows": {...}, "files_before", "files_after",
     "dry_run"}."""
     c = _corpus(corpus)
@@ -352,6 +370,10 @@ def compact(corpus: Corpus | str | Path, target_bytes: int = 256 << 20, min_grou
         raise CorpusError(f"compaction: re-read counts {counts} != {report['rows']}; "
                           "old manifest restored")
 
+    for new, group in names.items():  # markers for build-corpus: see compact_marker
+        atomic_write_bytes(c.root / "_commits" / f"{new}.json", json.dumps(
+            compact_marker(c.root, new, group, manifest["shards"][new]["tables"]),
+            indent=1, sort_keys=True).encode())
     if remove_replaced:
         replaced_dir = c.root / "_commits" / "replaced"
         for group in names.values():

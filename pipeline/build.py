@@ -132,14 +132,14 @@ def build(cfg: BuildConfig) -> dict:
     timings, t = {}, time.monotonic()
     entries, tasks, missing = _discover(cfg, deid)
     timings["discover"] = round(time.monotonic() - t, 3)
-    markers = committed_shards(cfg.out)
+    markers, replaced = committed_shards(cfg.out)
     in_units = {i for task in tasks for i in unit_files(task)}
     if "discovery" not in markers:
         rows = {"files": [file_row(e, None, None, e.status, e.reason, e.error)
                           for e in entries if e.index not in in_units]}
         markers["discovery"] = commit_shard(cfg.out, "discovery", rows, table_stats(rows))
     works = _works(entries, tasks, cfg)
-    pending = [w for w in works if shard_name(w.k) not in markers]
+    pending = [w for w in works if shard_name(w.k) not in markers.keys() | replaced]
     print(f"{len(entries)} files, {len(tasks)} series in {len(works)} shards "
           f"({len(works) - len(pending)} already committed)", file=sys.stderr)
     extra = {"missing_decoders": missing, **_provenance(cfg)}

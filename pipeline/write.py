@@ -208,15 +208,19 @@ def commit_shard(out: Path, name: str, tables: dict[str, list[dict]],
     return marker
 
 
-def committed_shards(out: Path) -> dict[str, dict]:
-    """Markers of shards whose files all exist (a marker is written only after its files)."""
+def committed_shards(out: Path) -> tuple[dict[str, dict], set[str]]:
+    """(markers of shards whose files all exist, names of shards a compaction replaced).
+
+    A marker is written only after its files. A compact shard's marker (catalogs.jobs) lists
+    the shards it ``replaces``: they count as committed and leave the set of markers."""
     done = {}
     for marker_path in sorted((out / "_commits").glob("*.json")):
         marker = json.loads(marker_path.read_text())
         ok = all((out / info["file"]).exists() for info in marker["tables"].values())
         if ok:
             done[marker["shard"]] = marker
-    return done
+    replaced = {s for m in done.values() for s in m.get("replaces", ())}
+    return {k: m for k, m in done.items() if k not in replaced}, replaced
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

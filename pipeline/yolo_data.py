@@ -171,7 +171,7 @@ def read_table(corpus: Path, table: str, columns: list[str] | None = None) -> li
     """Rows of ``corpus/<table>`` (committed shards only when the corpus has commit markers)."""
     if (corpus / "_commits").is_dir():
         files = sorted(corpus / info["tables"][table]["file"]
-                       for info in committed_shards(corpus).values() if table in info["tables"])
+                       for info in committed_shards(corpus)[0].values() if table in info["tables"])
     else:
         files = sorted((corpus / table).glob("*.parquet"))
     if not files:

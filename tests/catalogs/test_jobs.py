@@ -108,6 +108,25 @@ def test_compaction_keeps_every_row_once_and_updates_manifest(corpus_dir, tmp_pa
     assert jobs.compact(root, scheduler=SCHEDULER)["groups"] == {}
 
 
+def test_build_rerun_after_compaction_redoes_nothing(corpus_dir, tmp_path):
+    """The same build-corpus command after a compaction skips the replaced shards (the compact
+    marker covers them) and writes a manifest with the compact shard: rows once, same ids."""
+    from workflows.build_corpus import main as build_main
+
+    root = copy_corpus(corpus_dir, tmp_path / "c")
+    ids = _region_ids(root)
+    before = json.loads((root / "manifest.json").read_text())
+    jobs.compact(root, scheduler="synchronous")
+    assert build_main([str(corpus_dir.parent / "phantoms"), "--out", str(root),
+                       "--units-per-shard", "2", "--workers", "2"]) == 0
+    after = json.loads((root / "manifest.json").read_text())
+    assert sorted(after["shards"]) == ["compact-00000", "discovery"]
+    assert not list((root / "regions").glob("shard-*"))  # nothing was rebuilt
+    for key in ("rows", "found", "ingested", "quarantined", "skipped", "complete"):
+        assert after[key] == before[key], key
+    assert _region_ids(root) == ids
+
+
 def test_compaction_preserves_image_bytes(corpus_dir, tmp_path):
     root = copy_corpus(corpus_dir, tmp_path / "c")
     want = {r["image_id"]: png for r, png in Corpus.open(root).iter_image_bytes()}
