@@ -65,10 +65,11 @@ def _check_out_dir(out: Path, config_hash: str) -> None:
 
 def summarize(n_found: int, markers: dict, cfg: BuildConfig, deid, timings, extra) -> dict:
     """The manifest: counts summed from the commit markers (no table is re-read)."""
-    status, reasons = Counter(), Counter()
+    status, reasons, stage_s = Counter(), Counter(), Counter()
     for m in markers.values():
         status.update(m.get("stats", {}).get("status", {}))
         reasons.update(m.get("stats", {}).get("quarantined_by_reason", {}))
+        stage_s.update(m.get("stats", {}).get("stage_s", {}))
     rows = {t: sum(m["tables"][t]["rows"] for m in markers.values() if t in m["tables"])
             for t in ("files", "series", "images", "regions")}
     return {
@@ -77,6 +78,7 @@ def summarize(n_found: int, markers: dict, cfg: BuildConfig, deid, timings, extr
         "quarantined": status["quarantined"], "skipped": status["skipped"],
         "quarantined_by_reason": dict(sorted(reasons.items())), "rows": rows,
         "shards": {k: markers[k] for k in sorted(markers)}, "timings_s": timings,
+        "worker_stage_s": {k: round(v, 3) for k, v in sorted(stage_s.items())},
         "complete": rows["files"] == n_found, **extra,
     }
 

@@ -9,6 +9,7 @@ files tables. Every problem becomes a file outcome; nothing is raised.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -56,6 +57,19 @@ class UnitResult:
     regions: list[dict] = field(default_factory=list)  # labels route
     prompts: dict[str, list] = field(default_factory=dict)  # image_id → [(label, value, XYXY)]
     files: dict[int, tuple[str, str, str | None]] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)  # worker seconds per stage
+
+
+class _Clock:
+    """Adds the seconds since the previous mark to ``stage_s[name]`` at each :meth:`mark`."""
+
+    def __init__(self, stage_s: dict[str, float]):
+        self.stage_s, self.t = stage_s, time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stage_s[name] = self.stage_s.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 def outcome(err: IngestError) -> str:
@@ -209,7 +223,9 @@ def _propose_from_labels(images, result: UnitResult, names,
 def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
     """Read, de-identify, label and cut one unit. Never raises for bad input."""
     result = UnitResult(task.unit_key)
+    clock = _Clock(result.stage_s)
     vol = _read_image_volume(task, cfg, deid, result)
+    clock.mark("read")
     if vol is None:
         if task.label_file:
             result.files[task.label_file[0]] = ("skipped", "unpaired_label", "image not ingested")
@@ -217,12 +233,16 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
             result.files[task.names_file[0]] = ("skipped", "sidecar", "image not ingested")
         return result
     label_source = _attach_labels(task, vol, result)
+    clock.mark("labels")
     split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
     images = cut_images(vol, _slicing_for(vol, cfg.slicing))  # 4D: frame cfg.slicing.frame
     result.images = [_image_row(task, vol, img, split) for img in images]
+    clock.mark("cut")
     decoded, bodies = _propose_from_labels(images, result, vol.label_names, cfg.regions)
+    clock.mark("regions")
     if not {"boxes", "detector"} & set(cfg.regions.routes):  # else the model stage describes
         describe_all(result.images, result.regions, cfg.caption_seed, decoded, bodies)
+        clock.mark("captions")
     result.series = _series_row(task, vol, label_source, split, len(images))
     for idx, _ in task.image_files:
         result.files.setdefault(idx, ("ingested", "ok", None))

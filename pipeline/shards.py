@@ -9,6 +9,7 @@ optional rewriter where they are given, and commits through ``pipeline.write.com
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -95,15 +96,26 @@ def shard_tables(work: ShardWork, results: dict[str, UnitResult], cfg: BuildConf
     return {"files": files, "series": series, "images": images, "regions": regions}
 
 
-def table_stats(tables: dict[str, list[dict]]) -> dict:
-    """Counts the manifest sums up: files by status and quarantine reason."""
+def table_stats(tables: dict[str, list[dict]], stage_s: dict[str, float] | None = None) -> dict:
+    """What the manifest sums up: files by status and quarantine reason, and worker seconds
+    per stage (``stage_s``, when given)."""
     status = Counter(r["status"] for r in tables.get("files", []))
     reasons = Counter(r["reason"] for r in tables.get("files", []) if r["status"] == "quarantined")
-    return {"status": dict(status), "quarantined_by_reason": dict(reasons)}
+    out = {"status": dict(status), "quarantined_by_reason": dict(reasons)}
+    if stage_s is not None:
+        out["stage_s"] = {k: round(v, 3) for k, v in sorted(stage_s.items())}
+    return out
 
 
 def finish_shard(work: ShardWork, results: dict[str, UnitResult], cfg: BuildConfig,
                  models=None) -> dict:
-    """Build the rows of shard ``work`` and commit them; returns the commit marker."""
+    """Build the rows of shard ``work`` and commit them; returns the commit marker (with the
+    worker seconds of every stage: the units' read/labels/cut/regions/captions, then the model
+    stage and the rows + Parquet commit here)."""
+    stage_s: Counter = Counter()
+    for res in results.values():
+        stage_s.update(res.stage_s)
+    t = time.perf_counter()
     tables = shard_tables(work, results, cfg, models)
-    return commit_shard(cfg.out, work.name, tables, table_stats(tables))
+    stage_s["models" if models is not None else "rows"] += time.perf_counter() - t
+    return commit_shard(cfg.out, work.name, tables, table_stats(tables, stage_s))

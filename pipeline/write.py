@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -200,9 +201,14 @@ def shard_name(k: int) -> str:
 
 def commit_shard(out: Path, name: str, tables: dict[str, list[dict]],
                  stats: dict | None = None) -> dict:
-    """Write every table of shard ``name`` and then its commit marker. Returns the marker."""
+    """Write every table of shard ``name`` and then its commit marker. Returns the marker.
+    When ``stats`` has ``stage_s``, the seconds spent writing the tables join it as ``commit``."""
+    t0 = time.perf_counter()
     files = {t: write_table(out / t / f"{name}.parquet", rows, t) for t, rows in tables.items()}
-    marker = {"shard": name, "tables": files, "stats": stats or {}}
+    stats = dict(stats or {})
+    if "stage_s" in stats:
+        stats["stage_s"] = {**stats["stage_s"], "commit": round(time.perf_counter() - t0, 3)}
+    marker = {"shard": name, "tables": files, "stats": stats}
     (out / "_commits").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "_commits" / f"{name}.json", json.dumps(marker, indent=1).encode())
     return marker

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     manifest = build(cfg)
     summary = {k: manifest.get(k) for k in ("found", "ingested", "quarantined", "skipped",
-                                            "quarantined_by_reason", "rows", "timings_s")}
+                                            "quarantined_by_reason", "rows", "timings_s",
+                                            "worker_stage_s")}
     busy = sum(manifest["timings_s"].values()) or 1e-9
     summary["throughput_per_s"] = {t: round(n / busy, 1) for t, n in manifest["rows"].items()
                                    if t in ("images", "regions")}
