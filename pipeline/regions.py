@@ -26,8 +26,6 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-EIGHT = np.ones((3, 3), dtype=bool)
-
 
 @dataclass(frozen=True)
 class RegionConfig:
@@ -190,12 +188,23 @@ def components(label_slice: np.ndarray, names: dict[int, str], spacing_mm,
         name = names.get(int(value), f"label_{int(value)}")
         if value == 0 or name in cfg.ignore_labels:
             continue
-        lab, n = ndimage.label(label_slice == value, EIGHT)
-        sizes = np.bincount(lab.ravel())
-        for k in range(1, n + 1):
-            if sizes[k] * px_mm2 >= cfg.min_area_mm2:
-                out.append((int(value), name, lab == k))
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(
+            (label_slice == value).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        for k in sorted(range(1, n), key=lambda k: _first_pixel(lab, stats, k)):
+            if stats[k, cv2.CC_STAT_AREA] * px_mm2 >= cfg.min_area_mm2:
+                x, y, w, h = (int(v) for v in stats[k, :4])
+                mask = np.zeros(label_slice.shape, bool)
+                mask[y:y + h, x:x + w] = lab[y:y + h, x:x + w] == k
+                out.append((int(value), name, mask))
     return out
+
+
+def _first_pixel(lab: np.ndarray, stats: np.ndarray, k: int) -> tuple[int, int]:
+    """(row, col) of component ``k``'s first pixel in raster order (the leftmost pixel of its
+    top row), from cv2's stats (x, y, w, h, area): components are kept in raster order, as
+    ``scipy.ndimage.label`` numbers them."""
+    x, y, w = int(stats[k, 0]), int(stats[k, 1]), int(stats[k, 2])
+    return y, x + int(np.flatnonzero(lab[y, x:x + w] == k)[0])
 
 
 def region_id(image_id: str, source: str, label: str, bbox, model: str) -> str:
