@@ -92,7 +92,8 @@ def build(src: Path, out: Path, workers: int, executor: str) -> dict:
     wall = time.perf_counter() - t
     manifest = json.loads((out / "manifest.json").read_text())
     return {"rc": proc.returncode, "wall_s": wall, "peak_rss_mb": peak / 2**20,
-            "rows": manifest["rows"], "timings_s": manifest["timings_s"]}
+            "rows": manifest["rows"], "timings_s": manifest["timings_s"],
+            "worker_stage_s": manifest.get("worker_stage_s", {})}
 
 
 def run_size(target: int, workers: int, executor: str, work: Path, plain: bool = True) -> dict:
@@ -115,6 +116,7 @@ def run_size(target: int, workers: int, executor: str, work: Path, plain: bool =
         "build_regions_per_s": round(b["rows"]["regions"] / b["wall_s"], 1),
         "build_images_per_s": round(images / b["wall_s"], 1),
         "peak_rss_mb": round(b["peak_rss_mb"]), "stage_s": b["timings_s"],
+        "worker_stage_s": b["worker_stage_s"],
         "floor_slices_per_s": round(n_floor / t_floor, 1),
         "plain_images_per_s": ratio(n_img, t_plain),
         "plain_regions_per_s": ratio(n_reg, t_plain),
