@@ -8,7 +8,9 @@ relative to a global-mode step. Contenders are timed in alternating rounds on th
 pre-collated batches (data loading excluded) and the median step time is reported.
 open_clip takes the grey images repeated to 3 channels and fixed-length token ids (the same
 WordPiece ids); ours encodes each distinct caption of a batch once (as in training).
-Goals: ours ≥ open_clip samples/s; region step ≤ 1.6× global step.
+Then the DataLoader alone (no model; in-process and with the preset's workers), in samples/s:
+the loader must outpace the training step. Goals: ours ≥ open_clip samples/s; region step
+≤ 1.6× global step.
 """
 
 from __future__ import annotations
@@ -75,6 +77,24 @@ def _timed(fn, batches, steps: int) -> list[float]:
     return times
 
 
+def loader_rate(corpus_dir: Path, cfg, tok, workers: int, batches: int = 12) -> float:
+    """Samples/s the training DataLoader delivers (Parquet read, PNG decode, region sampling,
+    masks, tokenisation, collation) with ``workers`` worker processes and no model at all."""
+    import copy
+
+    from model.data import Corpus
+    from model.train import make_loader
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.workers = workers
+    it = iter(make_loader(Corpus.open(corpus_dir), cfg, tok, 0, 1, {}, 0))
+    for _ in range(2):  # worker start-up and first reads
+        next(it)
+    t = time.perf_counter()
+    n = sum(len(next(it)["images"]) for _ in range(batches))
+    return n / (time.perf_counter() - t)
+
+
 def run(args) -> dict:
     from model.clip import build_model
     from model.config import load_preset
@@ -115,10 +135,13 @@ def run(args) -> dict:
         res["ours_region"] += _timed(lambda b: ours_step(b, True), batches, args.steps)
     med = {k: statistics.median(v) for k, v in res.items()}
     b = cfg.data.batch
+    loader = {f"workers_{w}": round(loader_rate(args.corpus, cfg, tok, w), 1)
+              for w in sorted({0, cfg.data.workers})}
     return {"preset": args.preset, "batch": b, "threads": torch.get_num_threads(),
             "step_s": med, "samples_per_s": {k: b / v for k, v in med.items()},
             "ours_vs_open_clip": med["open_clip"] / med["ours_global"],
             "region_over_global": med["ours_region"] / med["ours_global"],
+            "loader_samples_per_s": loader,
             "params_m": {"ours": sum(p.numel() for p in ours.parameters()) / 1e6,
                          "open_clip": sum(p.numel() for p in oc.parameters()) / 1e6}}
 
@@ -140,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
           + "".join(f"| {k} | {r['step_s'][k]:.3f} | {r['samples_per_s'][k]:.1f} |\n"
                     for k in ("ours_global", "open_clip", "ours_region"))
           + f"\nours / open_clip speed: {r['ours_vs_open_clip']:.2f}×; region step / global "
-            f"step: {r['region_over_global']:.2f}× (batch {r['batch']}, {r['threads']} threads)\n")
+            f"step: {r['region_over_global']:.2f}× (batch {r['batch']}, {r['threads']} threads)\n"
+          + "loader alone (no model), samples/s: "
+          + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in r["loader_samples_per_s"].items())
+          + "\n")
     print(md)
     print(json.dumps(r, indent=1))
     if args.out:
