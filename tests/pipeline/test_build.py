@@ -182,6 +182,32 @@ def test_isolation_turns_worker_failures_into_errors(kind):
     assert status == "err" and err.reason == f"decode_{kind}"
 
 
+def test_isolation_failure_costs_one_item_of_a_serving_child():
+    """One child serves several items in turn; a crash or a hang mid-sequence costs only the
+    item in flight, the rest complete in fresh children, each item exactly once."""
+    from pipeline.isolate import run_isolated
+
+    def work(item):
+        if item == "crash":
+            os.kill(os.getpid(), 11)
+        if item == "hang":
+            import time
+
+            time.sleep(30)
+        return (item, os.getpid())
+
+    items = ["a", "b", "crash", "c", "hang", "d", "e", "f"]
+    out = list(run_isolated(work, items, 1, 2.0, 256 << 20, items_per_child=3))
+    assert sorted(i for i, _, _ in out) == list(range(len(items)))
+    res = {i: (s, v) for i, s, v in out}
+    assert res[2][1].reason == "decode_crash" and res[4][1].reason == "decode_timeout"
+    ok = {items[i]: v[1] for i, (s, v) in res.items() if s == "ok"}
+    assert set(ok) == {"a", "b", "c", "d", "e", "f"}
+    assert ok["a"] == ok["b"] != ok["c"]  # a and b share a child; the crash replaced it
+    assert ok["d"] == ok["e"] == ok["f"] != ok["c"]  # recycled after 3 items / the hang
+    assert os.getpid() not in ok.values()
+
+
 def test_images_load_as_hugging_face_images(tmp_path):
     datasets = pytest.importorskip("datasets")
     src = tmp_path / "src"
