@@ -5,8 +5,8 @@ local: units of all pending shards stream through forked, isolated workers (``--
     once); a shard is committed by this process when its last unit is back; the model stage
     (SAM/YOLO) runs here, once loaded.
 ray:  a Ray Data pipeline over shards. CPU stage: ``map`` with 1 CPU per task, ``max_retries``
-    set explicitly; inside, each unit still runs in a forked child under timeout and memory cap,
-    so a decoder crash is a row, not a lost task. Model stage (boxes/detector routes): an actor
+    set explicitly; inside, units still run in a forked child under timeout and memory cap
+    (``pipeline.isolate``), so a decoder crash is a row, not a lost task. Model stage (boxes/detector routes): an actor
     pool (``--model-actors``, ``--gpus-per-actor``) where YOLO and SAM share one actor per GPU:
     both models stay resident, an image is decoded once for both, and the GPU is never split
     between two processes. The stage that finishes a shard writes it (temp → rename → marker),
@@ -56,7 +56,7 @@ def _unit(task, cfg, deid):
 
 
 def process_shard_units(work: ShardWork, cfg: BuildConfig, deid: Deidentifier, n_workers: int):
-    """All unit results of one shard, each unit isolated in its own forked child."""
+    """All unit results of one shard, the units isolated in forked children."""
     results = {}
     fn = partial(_unit, cfg=cfg, deid=deid)
     for i, status, value in run_isolated(fn, work.tasks, n_workers, cfg.execution.unit_timeout_s,
@@ -88,7 +88,7 @@ def run_local(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_m
 
 
 def cpu_shard(row: dict, cfg: BuildConfig, deid: Deidentifier) -> dict:
-    """Ray Data CPU stage (a task): one shard's units, each isolated in a forked child;
+    """Ray Data CPU stage (a task): one shard's units, isolated in a forked child;
     the shard is committed here unless the model stage follows."""
     work: ShardWork = pickle.loads(row["work"])
     results = process_shard_units(work, cfg, deid, 1)
