@@ -1,8 +1,8 @@
 """The build-corpus run: discover → scan headers → group → process units → commit shards.
 
 Shards are committed as soon as all their units are done; a rerun of the same command skips
-committed shards (resume). The manifest is rewritten atomically after every commit and lists
-committed shards only.
+committed shards (resume). The manifest is rewritten atomically (every few seconds while shards
+commit, and at the end) and lists committed shards only.
 """
 
 from __future__ import annotations
