@@ -130,6 +130,14 @@ def test_resume_skips_committed_shards_and_is_deterministic(tmp_path):
     for table in ("files", "series", "images"):
         for p in sorted((out1 / table).glob("*.parquet")):
             assert p.read_bytes() == (out2 / table / p.name).read_bytes(), p
+    # worker seconds per stage: in every shard's marker, summed in the manifest
+    manifest = json.loads((out2 / "manifest.json").read_text())
+    shards = [m for k, m in manifest["shards"].items() if k != "discovery"]
+    stages = ("read", "labels", "cut", "regions", "captions", "rows", "commit")
+    assert len(shards) == 3 and all(set(m["stats"]["stage_s"]) == set(stages) for m in shards)
+    assert manifest["worker_stage_s"]["read"] == pytest.approx(
+        sum(m["stats"]["stage_s"]["read"] for m in shards), abs=1e-2)
+    assert all(manifest["worker_stage_s"][k] > 0 for k in ("read", "cut", "commit"))
 
 
 def test_interrupted_shard_is_redone(tmp_path):
