@@ -99,7 +99,10 @@ class _Child:
 
     def submit(self, index: int) -> None:
         self.index, self.started = index, time.monotonic()
-        self.tasks.send(index)
+        try:
+            self.tasks.send(index)
+        except OSError:  # the child is gone: receive() reports the item as a crash
+            pass
 
     def receive(self) -> tuple[str, object, bool]:
         """(status, value, still serving) for the item in flight."""
@@ -141,7 +144,11 @@ def run_isolated(fn: Callable, items: Iterable, workers: int, timeout_s: float,
     try:
         while pending or busy:
             while pending and len(busy) < workers:
-                child = idle.pop() if idle else _Child(fn, items, mem_bytes)
+                child = idle.pop() if idle else None
+                if child is not None and not child.proc.is_alive():  # died while idle
+                    child.close(kill=True)
+                    child = None
+                child = child or _Child(fn, items, mem_bytes)
                 child.submit(pending.popleft())
                 busy[child.results] = child
             for conn in wait(list(busy), timeout=0.2):
