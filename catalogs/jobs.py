@@ -282,18 +282,19 @@ def _write_merged(root: str, table: str, new_name: str, sources: list[str],
 
 
 def compact_marker(root: Path, name: str, group: list[str], tables: dict) -> dict:
-    """Commit marker of compact shard ``name``: its tables, the shards it ``replaces`` and their
-    summed status counts. A later build-corpus run into the corpus treats the replaced shards
+    """Commit marker of compact shard ``name``: its tables, every shard it ``replaces`` (through
+    earlier compactions too) and their summed status counts. A later build-corpus run into the corpus treats the replaced shards
     as committed (not redone) and keeps this shard in the manifest it writes."""
-    status, reasons = Counter(), Counter()
+    status, reasons, replaces = Counter(), Counter(), list(group)
     for s in group:
         for path in (root / "_commits" / f"{s}.json", root / "_commits" / "replaced" / f"{s}.json"):
             if path.exists():
-                stats = json.loads(path.read_text()).get("stats", {})
-                status.update(stats.get("status", {}))
-                reasons.update(stats.get("quarantined_by_reason", {}))
+                marker = json.loads(path.read_text())
+                status.update(marker.get("stats", {}).get("status", {}))
+                reasons.update(marker.get("stats", {}).get("quarantined_by_reason", {}))
+                replaces += marker.get("replaces", [])  # a compact shard compacted again
                 break
-    return {"shard": name, "tables": tables, "replaces": list(group),
+    return {"shard": name, "tables": tables, "replaces": sorted(set(replaces)),
             "stats": {"status": dict(status), "quarantined_by_reason": dict(reasons)}}
 
 

@@ -11,11 +11,14 @@ storage every node sees. When a worker dies, Ray restarts the whole group (up to
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from model.checkpoint import ckpt_path
-from model.train import TrainOptions
+from model.train import TrainOptions, train
 
 
 @dataclass(frozen=True)
@@ -28,13 +31,6 @@ class RayOptions:
 
 def _loop(config: dict) -> None:
     """Per-worker entry point: resume when this launch already checkpointed (a restart)."""
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    from model.train import train
-
     opts: TrainOptions = config["opts"]
     torch.set_num_threads(max(1, int(config["threads"])))
     ckpt = ckpt_path(opts.out)
@@ -50,12 +46,14 @@ def train_on_ray(opts: TrainOptions, ray_opts: RayOptions) -> dict:
     from ray.train.torch import TorchTrainer
 
     started = not ray.is_initialized()
+    # set before torch loads OpenMP in the workers (see workflows/train_model.py)
+    env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
     if started and ray_opts.address == "local":
         ray.init(address="local", num_cpus=max(1, round(ray_opts.workers
                                                         * ray_opts.cpus_per_worker)),
-                 include_dashboard=False, log_to_driver=True)
+                 include_dashboard=False, log_to_driver=True, runtime_env=env)
     elif started:
-        ray.init(address=ray_opts.address)
+        ray.init(address=ray_opts.address, runtime_env=env)
     try:
         out = opts.out.resolve()
         out.mkdir(parents=True, exist_ok=True)

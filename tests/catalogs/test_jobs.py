@@ -127,6 +127,30 @@ def test_build_rerun_after_compaction_redoes_nothing(corpus_dir, tmp_path):
     assert _region_ids(root) == ids
 
 
+def test_compacting_a_compact_shard_keeps_every_replaced_name(tmp_path):
+    """A compact shard merged again: the new marker names the original shards too, so a build
+    rerun still treats them as committed (they are no longer in any live marker)."""
+    from pipeline.write import committed_shards
+
+    commits = tmp_path / "_commits"
+    commits.mkdir()
+    stats = {"status": {"ingested": 2}, "quarantined_by_reason": {}}
+    (commits / "compact-00000.json").write_text(json.dumps(
+        {"shard": "compact-00000", "tables": {}, "stats": stats,
+         "replaces": ["shard-00000", "shard-00001"]}))
+    (commits / "shard-00002.json").write_text(json.dumps(
+        {"shard": "shard-00002", "tables": {}, "stats": stats}))
+    marker = jobs.compact_marker(tmp_path, "compact-00001", ["compact-00000", "shard-00002"], {})
+    assert marker["replaces"] == ["compact-00000", "shard-00000", "shard-00001", "shard-00002"]
+    assert marker["stats"]["status"] == {"ingested": 4}
+    for old in ("compact-00000", "shard-00002"):  # as compact() moves them
+        (commits / f"{old}.json").unlink()
+    (commits / "compact-00001.json").write_text(json.dumps(marker))
+    live, replaced = committed_shards(tmp_path)
+    assert list(live) == ["compact-00001"]
+    assert replaced == {"compact-00000", "shard-00000", "shard-00001", "shard-00002"}
+
+
 def test_compaction_preserves_image_bytes(corpus_dir, tmp_path):
     root = copy_corpus(corpus_dir, tmp_path / "c")
     want = {r["image_id"]: png for r, png in Corpus.open(root).iter_image_bytes()}
