@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipeline.config import BuildConfig, ExecConfig, SplitConfig
 from pipeline.regions import RegionConfig
 from pipeline.slicing import SliceConfig
 from pipeline.volumes import ReadConfig
+from workflows.usage import validated_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,14 +114,9 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = _parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        cfg.validate()
-    except ValueError as e:
-        print(f"build-corpus: error: {e}", file=sys.stderr)
-        return 2
+    cfg, status = validated_config("build-corpus", _parser(), config_from_args, argv)
+    if cfg is None:
+        return status
     manifest = build(cfg)
     summary = {k: manifest.get(k) for k in ("found", "ingested", "quarantined", "skipped",
                                             "quarantined_by_reason", "rows", "timings_s",

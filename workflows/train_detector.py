@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from pipeline.detect import add_thread_callbacks, evaluate_test, resolve_device, ultralytics_offline
 from pipeline.yolo_data import export_dataset, read_table
+from workflows.usage import usage_error, validated_config
 
 LESION = re.compile(r"nodule|mass|lesion|tumou?r", re.IGNORECASE)
 SIZE_SPLIT_MM = 10.0
@@ -214,19 +214,13 @@ def _machine(device: str, ul_version: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = _parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        cfg.validate()
-    except ValueError as e:
-        print(f"train-detector: error: {e}", file=sys.stderr)
-        return 2
+    cfg, status = validated_config("train-detector", _parser(), config_from_args, argv)
+    if cfg is None:
+        return status
     try:
         metrics = run(cfg)
     except UsageError as e:
-        print(f"train-detector: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("train-detector", e)
     rec = metrics.get("box_recall", {})
     summary = {"map50": metrics.get("map50"), "recall": rec.get("recall"),
                "by_size": rec.get("by_size"), "train_time_s": metrics["train_time_s"]}
