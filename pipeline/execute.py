@@ -6,11 +6,11 @@ local: units of all pending shards stream through forked, isolated workers (``--
     (SAM/YOLO) runs here, once loaded.
 ray:  a Ray Data pipeline over shards. CPU stage: ``map`` with 1 CPU per task, ``max_retries``
     set explicitly; inside, units still run in a forked child under timeout and memory cap
-    (``pipeline.isolate``), so a decoder crash is a row, not a lost task. Model stage (boxes/detector routes): an actor
-    pool (``--model-actors``, ``--gpus-per-actor``) where YOLO and SAM share one actor per GPU:
-    both models stay resident, an image is decoded once for both, and the GPU is never split
-    between two processes. The stage that finishes a shard writes it (temp → rename → marker),
-    so the driver only ever sees small markers.
+    (``pipeline.isolate``), so a decoder crash is a row, not a lost task. Model stage
+    (boxes/detector routes): an actor pool (``--model-actors``, ``--gpus-per-actor``) where
+    YOLO and SAM share one actor per GPU: both models stay resident, an image is decoded once
+    for both, and the GPU is never split between two processes. The stage that finishes a
+    shard writes it (temp → rename → marker), so the driver only ever sees small markers.
 """
 
 from __future__ import annotations
