@@ -3,12 +3,15 @@
 A decoder that segfaults, hangs or allocates without bound takes down only its own child: the
 parent turns that into an :class:`IngestError` (``decode_crash``, ``decode_timeout``,
 ``decode_memory``) for the item and goes on. At most ``workers`` children run at once. Each
-child is forked (cheap, no re-import), inherits the item list, and serves items one at a time:
-the parent sends an index down a pipe and reads the pickled result back. A child serves up to
-``items_per_child`` items and is then replaced, so its warm heap and caches are reused (a fresh
-fork per item spent ~20 % more time in page faults and first-use work) while a slow leak or
-address-space creep cannot build up. A child that dies or overruns the timeout costs only the
-item it was working on; the parent forks a fresh one for the rest.
+child is forked (cheap, no re-import) with the work function and serves items one at a time:
+the parent sends a pickled item down a pipe and reads the pickled result back. A child serves
+up to ``items_per_child`` items and is then replaced, so its warm heap and caches are reused (a
+fresh fork per item spent ~20 % more time in page faults and first-use work) while a slow leak
+or address-space creep cannot build up. A child that dies or overruns the timeout costs only
+the item it was working on; the parent forks a fresh one for the rest.
+
+:class:`Isolator` keeps its idle children between calls of :meth:`Isolator.map` (a Ray actor
+serves shard after shard with the same warm children); :func:`run_isolated` is one call.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ def _apply(fn, item) -> tuple[str, object]:
         return "err", IngestError("internal", tb[:500])
 
 
-def _serve(fn, items, tasks, results, mem_bytes: int) -> None:
-    """Child: apply ``fn`` to ``items[i]`` for each index ``i`` received, until None or EOF."""
+def _serve(fn, tasks, results, mem_bytes: int) -> None:
+    """Child: apply ``fn`` to each item received, until None or EOF."""
     faulthandler.disable()  # a crash in a decoder is reported as a row, not a stack dump
     try:
         if mem_bytes > 0:
@@ -61,12 +64,12 @@ def _serve(fn, items, tasks, results, mem_bytes: int) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         while True:
             try:
-                i = tasks.recv()
+                item = pickle.loads(tasks.recv_bytes())
             except EOFError:
                 break
-            if i is None:
+            if item is None:
                 break
-            payload = _apply(fn, items[i])
+            payload = _apply(fn, item[0])
             try:
                 data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
             except MemoryError:
@@ -86,21 +89,21 @@ def _is_memory_error(payload) -> bool:
 class _Child:
     """Parent-side handle of one serving child."""
 
-    def __init__(self, fn, items, mem_bytes: int):
+    def __init__(self, fn, mem_bytes: int):
         ctx = mp.get_context("fork")
         task_recv, self.tasks = ctx.Pipe(duplex=False)
         self.results, result_send = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_serve, args=(fn, items, task_recv, result_send, mem_bytes),
+        self.proc = ctx.Process(target=_serve, args=(fn, task_recv, result_send, mem_bytes),
                                 daemon=True)
         self.proc.start()
         task_recv.close()
         result_send.close()
         self.index, self.started, self.served = -1, 0.0, 0
 
-    def submit(self, index: int) -> None:
+    def submit(self, index: int, item) -> None:
         self.index, self.started = index, time.monotonic()
         try:
-            self.tasks.send(index)
+            self.tasks.send_bytes(pickle.dumps((item,), protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:  # the child is gone: receive() reports the item as a crash
             pass
 
@@ -118,7 +121,7 @@ class _Child:
     def close(self, kill: bool = False) -> None:
         if not kill:
             try:
-                self.tasks.send(None)
+                self.tasks.send_bytes(pickle.dumps(None))
             except OSError:
                 kill = True
             self.proc.join(5)
@@ -129,43 +132,74 @@ class _Child:
         self.results.close()
 
 
+class Isolator:
+    """Up to ``workers`` forked children applying ``fn``; idle ones are kept between
+    :meth:`map` calls until :meth:`close` (see module doc)."""
+
+    def __init__(self, fn: Callable, workers: int, timeout_s: float, mem_bytes: int,
+                 items_per_child: int = ITEMS_PER_CHILD):
+        self.fn, self.workers, self.timeout_s = fn, max(1, workers), timeout_s
+        self.mem_bytes, self.items_per_child = mem_bytes, items_per_child
+        self.idle: list[_Child] = []
+
+    def _child(self) -> _Child:
+        while self.idle:
+            child = self.idle.pop()
+            if child.proc.is_alive():
+                return child
+            child.close(kill=True)  # died while idle
+        return _Child(self.fn, self.mem_bytes)
+
+    def _finish(self, child: _Child, serving: bool) -> None:
+        if serving and child.served < self.items_per_child:
+            self.idle.append(child)
+        else:
+            child.close(kill=not serving)
+
+    def map(self, items: Iterable) -> Iterator[tuple[int, str, object]]:
+        """Yields (index, "ok" | "err", result or IngestError) as items finish (not in order)."""
+        items = list(items)
+        pending = deque(range(len(items)))
+        busy: dict[object, _Child] = {}
+        try:
+            while pending or busy:
+                while pending and len(busy) < self.workers:
+                    child = self._child()
+                    i = pending.popleft()
+                    child.submit(i, items[i])
+                    busy[child.results] = child
+                for conn in wait(list(busy), timeout=0.2):
+                    child = busy.pop(conn)
+                    status, value, serving = child.receive()
+                    self._finish(child, serving)  # before the yield: the caller may stop here
+                    yield child.index, status, value
+                now = time.monotonic()
+                for conn, child in list(busy.items()):
+                    if now - child.started > self.timeout_s:
+                        busy.pop(conn)
+                        child.close(kill=True)
+                        yield child.index, "err", IngestError(
+                            "decode_timeout", f"exceeded the {self.timeout_s:.0f} s limit")
+        finally:
+            for child in busy.values():  # abandoned mid-item: their state is unknown
+                child.close(kill=True)
+
+    def close(self) -> None:
+        for child in self.idle:
+            child.close()
+        self.idle = []
+
+    def __enter__(self) -> Isolator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_isolated(fn: Callable, items: Iterable, workers: int, timeout_s: float,
                  mem_bytes: int, items_per_child: int = ITEMS_PER_CHILD
                  ) -> Iterator[tuple[int, str, object]]:
-    """Apply ``fn`` to each item in forked children (see module doc).
-
-    Yields (index, "ok" | "err", result or IngestError) as items finish (not in order).
-    """
-    items = list(items)
-    pending = deque(range(len(items)))
-    busy: dict[object, _Child] = {}
-    idle: list[_Child] = []
-    workers = max(1, workers)
-    try:
-        while pending or busy:
-            while pending and len(busy) < workers:
-                child = idle.pop() if idle else None
-                if child is not None and not child.proc.is_alive():  # died while idle
-                    child.close(kill=True)
-                    child = None
-                child = child or _Child(fn, items, mem_bytes)
-                child.submit(pending.popleft())
-                busy[child.results] = child
-            for conn in wait(list(busy), timeout=0.2):
-                child = busy.pop(conn)
-                status, value, serving = child.receive()
-                yield child.index, status, value
-                if serving and child.served < items_per_child:
-                    idle.append(child)
-                else:
-                    child.close(kill=not serving)
-            now = time.monotonic()
-            for conn, child in list(busy.items()):
-                if now - child.started > timeout_s:
-                    busy.pop(conn)
-                    child.close(kill=True)
-                    yield child.index, "err", IngestError(
-                        "decode_timeout", f"exceeded the {timeout_s:.0f} s limit")
-    finally:
-        for child in [*idle, *busy.values()]:
-            child.close(kill=child in busy.values())
+    """Apply ``fn`` to each item in forked children (see module doc); one :class:`Isolator`
+    call. Yields (index, "ok" | "err", result or IngestError) as items finish (not in order)."""
+    with Isolator(fn, workers, timeout_s, mem_bytes, items_per_child) as iso:
+        yield from iso.map(items)
