@@ -228,3 +228,25 @@ def test_images_load_as_hugging_face_images(tmp_path):
     assert isinstance(ds.features["image"], datasets.Image)
     first = ds[0]["image"]
     assert first.size == (20, 24) and first.mode == "L"
+
+
+def test_isolator_keeps_warm_children_across_calls():
+    """An Isolator's idle children serve the next map call (a Ray actor's shards); one that
+    died while idle is replaced; items travel to the child by value (not inherited)."""
+    import signal
+
+    from pipeline.isolate import Isolator
+
+    def work(item):
+        return (item * 2, os.getpid())
+
+    with Isolator(work, 1, 5.0, 256 << 20, items_per_child=8) as iso:
+        first = {i: v for i, s, v in iso.map([1, 2])}
+        second = {i: v for i, s, v in iso.map([10, 20])}  # items made after the fork
+        assert [first[0][0], first[1][0], second[0][0], second[1][0]] == [2, 4, 20, 40]
+        assert len({first[0][1], first[1][1], second[0][1], second[1][1]}) == 1  # one child
+        os.kill(first[0][1], signal.SIGKILL)  # dies while idle
+        iso.idle[0].proc.join(5)  # (the kill lands asynchronously)
+        third = list(iso.map([5]))
+        assert third[0][:2] == (0, "ok") and third[0][2][0] == 10
+        assert third[0][2][1] != first[0][1]
