@@ -55,10 +55,16 @@ def _apply(fn, item) -> tuple[str, object]:
         return "err", IngestError("internal", tb[:500])
 
 
-def _serve(fn, tasks, results, mem_bytes: int) -> None:
-    """Child: apply ``fn`` to each item received, until None or EOF."""
+def _serve(fn, tasks, results, mem_bytes: int, inherited: list) -> None:
+    """Child: apply ``fn`` to each item received, until None, EOF or a closed result pipe.
+
+    ``inherited``: the parent-side pipe ends this fork copied (its own and its siblings'). They
+    are closed first, so the parent is the only holder of this child's pipes: when the parent
+    dies (even by SIGKILL) the child reads EOF or fails to write, and exits, never orphaned."""
     faulthandler.disable()  # a crash in a decoder is reported as a row, not a stack dump
     try:
+        for conn in inherited:
+            conn.close()
         if mem_bytes > 0:
             limit = _vm_size_bytes() + mem_bytes  # the cap is on top of what fork inherited
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -75,7 +81,10 @@ def _serve(fn, tasks, results, mem_bytes: int) -> None:
             except MemoryError:
                 payload = ("err", IngestError("decode_memory", "exceeded the memory cap"))
                 data = pickle.dumps(payload)
-            results.send_bytes(data)
+            try:
+                results.send_bytes(data)
+            except OSError:  # the parent is gone
+                break
             if _is_memory_error(payload):
                 break  # the heap may be in a bad state: let the parent fork a fresh child
     finally:
@@ -86,6 +95,9 @@ def _is_memory_error(payload) -> bool:
     return payload[0] == "err" and getattr(payload[1], "reason", None) == "decode_memory"
 
 
+_PARENT_ENDS: set = set()  # this process's ends of its live children's pipes
+
+
 class _Child:
     """Parent-side handle of one serving child."""
 
@@ -93,11 +105,13 @@ class _Child:
         ctx = mp.get_context("fork")
         task_recv, self.tasks = ctx.Pipe(duplex=False)
         self.results, result_send = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_serve, args=(fn, task_recv, result_send, mem_bytes),
-                                daemon=True)
+        inherited = [*_PARENT_ENDS, self.tasks, self.results]
+        self.proc = ctx.Process(target=_serve, args=(fn, task_recv, result_send, mem_bytes,
+                                                     inherited), daemon=True)
         self.proc.start()
         task_recv.close()
         result_send.close()
+        _PARENT_ENDS.update((self.tasks, self.results))
         self.index, self.started, self.served = -1, 0.0, 0
 
     def submit(self, index: int, item) -> None:
@@ -128,6 +142,7 @@ class _Child:
         if kill or self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
+        _PARENT_ENDS.difference_update((self.tasks, self.results))
         self.tasks.close()
         self.results.close()
 

@@ -1,7 +1,7 @@
 """Fault test, for real: build-corpus killed with SIGKILL mid-run, several times, then rerun.
 
 The final region_id set equals a clean run's, nothing is duplicated, and the manifest's counts
-match the files on disk.
+match the files on disk. No worker process outlives a killed run.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 
 ARGS = ["--executor", "local", "--units-per-shard", "1", "--workers", "2"]
@@ -35,6 +36,23 @@ def _kill_midway(src: Path, out: Path, after_commits: int) -> None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert _survivors(out, timeout_s=20) == [], "forked workers outlived the killed run"
+
+
+def _survivors(out: Path, timeout_s: float) -> list[int]:
+    """Live processes of a build into ``out`` (its forked workers share its command line)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            try:
+                if str(out) in (p.info["cmdline"] or []) and p.info["status"] != "zombie":
+                    alive.append(p.pid)
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def test_killed_runs_resume_to_the_clean_result(tmp_path):
