@@ -159,7 +159,7 @@ def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_mar
         ex = cfg.execution
         retries = ex.max_retries  # explicit: Ray's default for crashed workers is to retry
         model_cpus = ex.model_actors if needs_models(cfg) else 0
-        cpu_actors = max(1, int(ray.cluster_resources().get("CPU", 1)) - model_cpus)
+        cpu_actors = max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1)) - model_cpus))
         # one shard running and one queued per actor: no idle gap, and at the end no actor
         # holds a backlog while another has none
         ds = ds.map(_CpuShard, fn_constructor_kwargs={"cfg": cfg, "deid": deid},
