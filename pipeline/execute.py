@@ -5,7 +5,8 @@ local: units of all pending shards stream through forked, isolated workers (``--
     once); a shard is committed by this process when its last unit is back; the model stage
     (SAM/YOLO) runs here, once loaded.
 ray:  a Ray Data pipeline over shards. CPU stage: an actor pool of 1-CPU actors (one per CPU
-    Ray offers, less the model actors), restarts and task retries set explicitly; Ray Data
+    Ray offers at the start, less the model actors, at most one per shard), restarts and task
+    retries set explicitly (Ray Data's default for actors is to retry forever); Ray Data
     queues the next shard at each actor, so a CPU never idles between shards (as 1-CPU tasks
     each shard cost ~0.2 s of scheduling gap: 5 % on this machine's 100k build). Inside, units
     run in the actor's forked children under timeout and memory cap (``pipeline.isolate``),
