@@ -283,8 +283,9 @@ def _write_merged(root: str, table: str, new_name: str, sources: list[str],
 
 def compact_marker(root: Path, name: str, group: list[str], tables: dict) -> dict:
     """Commit marker of compact shard ``name``: its tables, every shard it ``replaces`` (through
-    earlier compactions too) and their summed status counts. A later build-corpus run into the corpus treats the replaced shards
-    as committed (not redone) and keeps this shard in the manifest it writes."""
+    earlier compactions too) and their summed status counts. A later build-corpus run into the
+    corpus treats the replaced shards as committed (not redone) and keeps this shard in the
+    manifest it writes."""
     status, reasons, replaces = Counter(), Counter(), list(group)
     for s in group:
         for path in (root / "_commits" / f"{s}.json", root / "_commits" / "replaced" / f"{s}.json"):

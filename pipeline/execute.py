@@ -55,10 +55,6 @@ def needs_models(cfg: BuildConfig) -> bool:
     return bool({"boxes", "detector"} & set(cfg.regions.routes))
 
 
-def _unit(task, cfg, deid):
-    return process_unit(task, cfg, deid)
-
-
 def one_thread_per_worker() -> None:
     """Parallelism comes from the workers: OpenCV's own thread pool would add a second busy
     thread per worker (measured: +20 % CPU, no faster), so each worker process uses one."""
@@ -69,8 +65,13 @@ def one_thread_per_worker() -> None:
 
 def unit_isolator(cfg: BuildConfig, deid: Deidentifier, n_workers: int) -> Isolator:
     """Forked children that run ``process_unit`` under the unit timeout and memory cap."""
-    return Isolator(partial(_unit, cfg=cfg, deid=deid), n_workers, cfg.execution.unit_timeout_s,
-                    cfg.execution.unit_memory_mb << 20)
+    return Isolator(partial(process_unit, cfg=cfg, deid=deid), n_workers,
+                    cfg.execution.unit_timeout_s, cfg.execution.unit_memory_mb << 20)
+
+
+def _unit_result(task, status: str, value):
+    """The unit's result, or its files as failure rows when its isolated child failed."""
+    return value if status == "ok" else failed_unit(task, value)
 
 
 def run_local(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_marker) -> None:
@@ -87,7 +88,7 @@ def run_local(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_m
     with unit_isolator(cfg, deid, workers(cfg)) as iso:
         for n, (i, status, value) in enumerate(iso.map([t for _, t in flat]), 1):
             work, task = flat[i]
-            results[work.k][task.unit_key] = value if status == "ok" else failed_unit(task, value)
+            results[work.k][task.unit_key] = _unit_result(task, status, value)
             progress("series", n, len(flat), t0)
             if len(results[work.k]) == len(work.tasks):
                 on_marker(finish_shard(work, results.pop(work.k), cfg, models))
@@ -106,8 +107,7 @@ class _CpuShard:
         work: ShardWork = pickle.loads(row["work"])
         results = {}
         for i, status, value in self.isolator.map(work.tasks):
-            task = work.tasks[i]
-            results[task.unit_key] = value if status == "ok" else failed_unit(task, value)
+            results[work.tasks[i].unit_key] = _unit_result(work.tasks[i], status, value)
         if needs_models(self.cfg):
             return {"k": row["k"], "work": row["work"], "results": pickle.dumps(results),
                     "marker": ""}
@@ -160,7 +160,8 @@ def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_mar
         ex = cfg.execution
         retries = ex.max_retries  # explicit: Ray's default for crashed workers is to retry
         model_cpus = ex.model_actors if needs_models(cfg) else 0
-        cpu_actors = max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1)) - model_cpus))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpu_actors = max(1, min(len(items), cpus - model_cpus))
         # one shard running and one queued per actor: no idle gap, and at the end no actor
         # holds a backlog while another has none
         ds = ds.map(_CpuShard, fn_constructor_kwargs={"cfg": cfg, "deid": deid},

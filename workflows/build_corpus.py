@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-actors", type=int, default=1, help="model-stage actors (per GPU)")
     p.add_argument("--gpus-per-actor", type=float, default=-1.0,
                    help="GPUs per model actor (-1: 1 when --device is cuda)")
-    p.add_argument("--max-retries", type=int, default=1, help="Ray actor restarts and shard retries (never infinite)")
+    p.add_argument("--max-retries", type=int, default=1,
+                   help="Ray actor restarts and shard retries (never infinite)")
     p.add_argument("--workers", type=int, default=0, help="parallel series (0 = CPU count)")
     p.add_argument("--units-per-shard", type=int, default=8, help="series per shard")
     p.add_argument("--unit-timeout", type=float, default=600.0, help="seconds per series")
