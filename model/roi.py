@@ -52,11 +52,20 @@ class RoiBlock(nn.Module):
         self.norm_m = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4.0)
 
-    def forward(self, q: torch.Tensor, ctx: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """q (R, Q, D), ctx (B, M, D) global tokens, index (R,) image of each region."""
+    def forward(self, q: torch.Tensor, ctx: torch.Tensor, index: torch.Tensor,
+                first_only: bool = False) -> torch.Tensor:
+        """q (R, Q, D), ctx (B, M, D) global tokens, index (R,) image of each region →
+        (R, Q, D), or (R, 1, D) with ``first_only``: the self-attention and MLP of query 0
+        alone (all queries still serve as its keys/values), for the last block, whose other
+        rows nothing reads."""
         k, v = self.cross.kv_heads(self.norm_kv(ctx))  # (B, h, M, D/h)
         q = q + self.cross.attend(self.norm_q(q), k[index], v[index])
-        q = q + self.self_attn(self.norm_s(q))
+        s = self.norm_s(q)
+        if first_only:
+            q, s_q = q[:, :1], s[:, :1]
+        else:
+            s_q = s
+        q = q + self.self_attn.attend(s_q, *self.self_attn.kv_heads(s))
         return q + self.mlp(self.norm_m(q))
 
 
@@ -70,8 +79,9 @@ class RoiProcessor(nn.Module):
                 global_tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """roi (R, 1 + n, D), prompts (R, P, D), global (B, 1 + N, D), index (R,) → (R, D)."""
         q = torch.cat([roi_tokens, prompt_tokens.to(roi_tokens.dtype)], dim=1)  # (R, Q, D)
-        for blk in self.blocks:
-            q = blk(q, global_tokens, index)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            q = blk(q, global_tokens, index, first_only=i == last)
         return self.norm(q[:, 0])
 
 

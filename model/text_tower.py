@@ -5,6 +5,12 @@ captions (:func:`train_tokenizer`), saved as ``RUN/tokenizer/tokenizer.json``; i
 5's ``BertTokenizer(vocab_file=...)`` silently yields a 5-token vocabulary, so it is not used).
 With ``TextTowerConfig.weights`` a local pretrained folder (e.g. a PubMedBERT download) supplies
 both the weights and its own tokenizer. Nothing is fetched from a hub.
+
+Only the CLS token of the last layer is used (CLS pooling), so :class:`TextTower` runs the
+``BertModel``'s own modules layer by layer and, in the LAST layer, computes keys and values for
+every token but the query, attention output and feed-forward for the CLS token alone: the same
+features as ``BertModel(...).last_hidden_state[:, 0]`` (tested to float rounding) for ~40 % fewer
+text FLOPs in a 2-layer tower (the feed-forward is two thirds of a layer).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -85,10 +92,38 @@ class TextTower(nn.Module):
                 max_position_embeddings=max(64, cfg.max_len), hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0), add_pooling_layer=False)
         self.width = self.bert.config.hidden_size
+        kind = getattr(self.bert.config, "position_embedding_type", "absolute")
+        if kind != "absolute" or self.bert.config.is_decoder:
+            raise ValueError(f"text weights {cfg.weights}: only encoder BERTs with absolute "
+                             f"position embeddings are supported (got {kind})")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state[:, 0]  # (T, hidden): CLS pooling
+        """input_ids, attention_mask (T, L) → CLS features (T, hidden) of the last layer."""
+        h = self.bert.embeddings(input_ids=input_ids,
+                                 token_type_ids=torch.zeros_like(input_ids))  # (T, L, D)
+        keep = attention_mask.bool()[:, None, None, :]  # (T, 1, 1, L): True = attend
+        layers = self.bert.encoder.layer
+        for layer in layers[:-1]:
+            h = _layer(layer, h, h, keep)
+        return _layer(layers[-1], h, h[:, :1], keep)[:, 0]
+
+
+def _layer(layer: nn.Module, h: torch.Tensor, q_in: torch.Tensor,
+           keep: torch.Tensor) -> torch.Tensor:
+    """One post-norm ``BertLayer`` (its own weights) for the query rows ``q_in`` (T, Q, D) over
+    keys/values from ``h`` (T, L, D); ``keep`` (T, 1, 1, L) bool → (T, Q, D)."""
+    att = layer.attention.self
+    t, q_len, d = q_in.shape
+    heads = att.num_attention_heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (T, n, D) → (T, heads, n, D / heads)
+        return x.view(t, x.shape[1], heads, d // heads).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(split(att.query(q_in)), split(att.key(h)),
+                                       split(att.value(h)), attn_mask=keep,
+                                       dropout_p=att.dropout.p if att.training else 0.0)
+    x = layer.attention.output(o.transpose(1, 2).reshape(t, q_len, d), q_in)
+    return layer.output(layer.intermediate(x), x)
 
 
 def build_text_tower(cfg: TextTowerConfig, vocab_size: int) -> TextTower:
