@@ -30,7 +30,7 @@ NON_IMAGE_PREFIXES = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class Header:
     """What discovery needs to know about one DICOM file (pixel data not read).
 

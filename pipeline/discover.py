@@ -34,7 +34,7 @@ NOT_DICOM_SUFFIXES = (".txt", ".md", ".csv", ".json", ".xml", ".html", ".py", ".
                       ".png", ".jpg", ".jpeg", ".pdf", ".yaml", ".yml", ".log")
 
 
-@dataclass
+@dataclass(slots=True)
 class FileEntry:
     """One filesystem entry. ``rel`` is the path relative to its root, kept in memory only."""
 
