@@ -130,3 +130,18 @@ def test_text_weights_from_local_folder(tiny_corpus, micro_preset, tmp_path):
     sd = BertModel.from_pretrained(str(folder), add_pooling_layer=False).state_dict()
     assert not torch.equal(model.text.bert.embeddings.word_embeddings.weight,
                            sd["embeddings.word_embeddings.weight"])  # fine-tuned from it
+
+
+
+def test_schedule_stages():
+    from model.config import load_preset
+    from model.train import lr_at, stage_of
+
+    cfg = load_preset("tiny")  # stages 150 / 250 / 400, warm-up 50
+    assert [stage_of(s, cfg) for s in (0, 149, 150, 399, 400, 799)] == [1, 1, 2, 2, 3, 3]
+    lrs = [lr_at(s, cfg) for s in range(800)]
+    assert lrs[0] == pytest.approx(cfg.train.lr / 50) and lrs[49] == pytest.approx(cfg.train.lr)
+    assert all(a >= b for a, b in zip(lrs[49:-1], lrs[50:], strict=True))  # cosine: never rises
+    assert lrs[-1] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-3)
+    cfg.model.global_only = True  # the ablation trains stage 1 throughout
+    assert {stage_of(s, cfg) for s in range(800)} == {1}
