@@ -94,7 +94,7 @@ class TextTower(nn.Module):
         self.width = self.bert.config.hidden_size
         kind = getattr(self.bert.config, "position_embedding_type", "absolute")
         if kind != "absolute" or self.bert.config.is_decoder:
-            raise ValueError(f"text weights {cfg.weights}: only encoder BERTs with absolute "
+            raise ValueError(f"--text-weights {cfg.weights}: only encoder BERTs with absolute "
                              f"position embeddings are supported (got {kind})")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
