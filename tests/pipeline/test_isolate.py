@@ -70,3 +70,21 @@ def test_isolator_keeps_warm_children_across_calls():
         third = list(iso.map([5]))
         assert third[0][:2] == (0, "ok") and third[0][2][0] == 10
         assert third[0][2][1] != first[0][1]
+
+
+def test_children_freeze_inherited_objects_and_parent_collector_stays_on():
+    """A child's inherited heap is out of its collector (gc.freeze), its own objects are not,
+    and receiving results leaves the parent's collector as it was."""
+    import gc
+
+    inherited = [object() for _ in range(1000)]  # noqa: F841  (lives in the forked heap)
+
+    def work(_):
+        gc.collect()
+        return gc.get_freeze_count(), gc.is_tracked([]), gc.isenabled()
+
+    frozen_before = gc.get_freeze_count()
+    out = [v for _, s, v in run_isolated(work, [0, 1], 1, 30.0, 0)]
+    assert all(frozen > frozen_before + 1000 and tracked and enabled
+               for frozen, tracked, enabled in out)
+    assert gc.isenabled() and gc.get_freeze_count() == frozen_before
