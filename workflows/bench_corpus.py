@@ -5,7 +5,9 @@ every slice cut): for each size, build-corpus in a subprocess (regions/s, peak R
 process tree, time per stage), and in the same run (a) the floor: pydicom decode + window + PNG
 encode of the same slices with nothing else, on the same number of processes, and (b) a plain
 single-process loop doing the same work as the build (the same stage functions, in-process, no
-isolation, one Parquet file). Prints JSON and markdown rows for docs/benchmarks.md.
+isolation, one Parquet file), with its CPU time over its wall time (above 1 where OpenCV runs
+threads of its own; ``--plain-cv2-threads 1`` makes it one thread). Prints JSON and markdown
+rows for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ def floor(src: Path, workers: int) -> tuple[int, float]:
     return n, time.perf_counter() - t
 
 
-def plain_loop(src: Path, out: Path) -> tuple[int, int, float]:
-    """The same work as build-corpus (discover, units, regions, captions), one process."""
+def plain_loop(src: Path, out: Path, cv2_threads: int | None = None
+               ) -> tuple[int, int, float, float]:
+    """The same work as build-corpus (discover, units, regions, captions), one process →
+    (images, regions, wall s, CPU s of this process: OpenCV's own threads included).
+    ``cv2_threads``: OpenCV's thread count for the loop (None: OpenCV's default)."""
+    import resource
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -61,7 +68,10 @@ def plain_loop(src: Path, out: Path) -> tuple[int, int, float]:
     from pipeline.write import IMAGES_SCHEMA, REGIONS_SCHEMA
 
     quiet_libraries()
-    t = time.perf_counter()
+    threads = cv2.getNumThreads()
+    if cv2_threads is not None:
+        cv2.setNumThreads(cv2_threads)
+    t, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     cfg = BuildConfig(sources=(src,), out=out, slicing=SliceConfig(every_k=1))
     deid = Deidentifier.from_env()
     entries = scan_headers(walk(cfg.sources, deid))
@@ -73,7 +83,10 @@ def plain_loop(src: Path, out: Path) -> tuple[int, int, float]:
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(images, IMAGES_SCHEMA), out / "images.parquet")
     pq.write_table(pa.Table.from_pylist(regions, REGIONS_SCHEMA), out / "regions.parquet")
-    return len(images), len(regions), time.perf_counter() - t
+    wall, end = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+    cv2.setNumThreads(threads)
+    cpu = end.ru_utime + end.ru_stime - ru.ru_utime - ru.ru_stime
+    return len(images), len(regions), wall, cpu
 
 
 def build(src: Path, out: Path, workers: int, executor: str) -> dict:
@@ -96,7 +109,8 @@ def build(src: Path, out: Path, workers: int, executor: str) -> dict:
             "worker_stage_s": manifest.get("worker_stage_s", {})}
 
 
-def run_size(target: int, workers: int, executor: str, work: Path, plain: bool = True) -> dict:
+def run_size(target: int, workers: int, executor: str, work: Path, plain: bool = True,
+             plain_threads: int | None = None) -> dict:
     from pipeline.phantoms import make_phantoms
 
     patients = max(1, math.ceil(target / REGIONS_PER_PATIENT))
@@ -107,7 +121,8 @@ def run_size(target: int, workers: int, executor: str, work: Path, plain: bool =
         shutil.rmtree(old, ignore_errors=True)  # a kept corpus would only be resumed
     n_floor, t_floor = floor(src, workers)
     b = build(src, work / f"corpus{patients}", workers, executor)
-    n_img, n_reg, t_plain = plain_loop(src, work / f"plain{patients}") if plain else (0, 0, 0.0)
+    n_img, n_reg, t_plain, cpu_plain = (plain_loop(src, work / f"plain{patients}", plain_threads)
+                                        if plain else (0, 0, 0.0, 0.0))
     images = b["rows"]["images"]
     ratio = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
     return {
@@ -123,6 +138,7 @@ def run_size(target: int, workers: int, executor: str, work: Path, plain: bool =
         "build_over_floor": ratio(images / b["wall_s"], n_floor / t_floor),
         "build_over_plain": ratio(images / b["wall_s"], ratio(n_img, t_plain)),
         "cpu_s_per_region_plain": ratio(t_plain, n_reg),
+        "plain_cpu_over_wall": ratio(cpu_plain, t_plain),  # > 1: OpenCV's threads
     }
 
 
@@ -134,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="work folder (kept); default: a temp folder")
     p.add_argument("--skip-plain-above", type=int, default=10**9,
                    help="skip the single-process comparison above this many regions")
+    p.add_argument("--plain-cv2-threads", type=int, default=None,
+                   help="OpenCV threads in the plain loop (default: OpenCV's own default)")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_corpus_"))
     work.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        r = run_size(size, args.workers, args.executor, work, size <= args.skip_plain_above)
+        r = run_size(size, args.workers, args.executor, work, size <= args.skip_plain_above,
+                     args.plain_cv2_threads)
         r["machine"], r["executor"], r["workers"] = machine, args.executor, args.workers
         rows.append(r)
         print(json.dumps(r), flush=True)
