@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pydicom
@@ -150,17 +151,28 @@ def read_header(path: Path) -> Header:
         raise IngestError("unreadable", f"header element could not be read ({e})", path) from None
 
 
+@lru_cache(maxsize=4096)
+def _shared(value):
+    """One object per distinct value (hashable): a series' slices repeat the same UIDs, SOP class,
+    transfer syntax and orientation, so the driver, which holds a Header per file for the whole
+    run, keeps one copy per header-scan batch instead of one per file (pickle keeps shared
+    objects shared)."""
+    return value
+
+
 def header_from_dataset(ds) -> Header:
     """Build a :class:`Header` from an already-read data set."""
     meta = getattr(ds, "file_meta", None)
-    sop = str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", "") or "")
+    sop = _shared(str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", "")
+                      or ""))
     kind = _kind(sop, ds)
-    ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    ts = _shared(str(getattr(meta, "TransferSyntaxUID", "") or ""))
     iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    iop = _shared((repr(iop), iop))[1]  # keyed by repr: -0.0 and 0.0 compare equal
     ipp = _floats(ds.get("ImagePositionPatient"), 3)
     return Header(
-        kind=kind, sop_class=sop, series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        modality=str(ds.get("Modality", "") or "OT").upper(),
+        kind=kind, sop_class=sop, series_uid=_shared(str(ds.get("SeriesInstanceUID", "") or "")),
+        modality=_shared(str(ds.get("Modality", "") or "OT").upper()),
         rows=_int(ds.get("Rows"), 0), cols=_int(ds.get("Columns"), 0),
         frames=max(1, _int(ds.get("NumberOfFrames"), 1)),
         samples=max(1, _int(ds.get("SamplesPerPixel"), 1)),
