@@ -73,18 +73,19 @@ def test_isolator_keeps_warm_children_across_calls():
 
 
 def test_children_freeze_inherited_objects_and_parent_collector_stays_on():
-    """A child's inherited heap is out of its collector (gc.freeze), its own objects are not,
+    """What a child inherits is out of its collector (gc.freeze), what it allocates is not,
     and receiving results leaves the parent's collector as it was."""
     import gc
 
-    inherited = [object() for _ in range(1000)]  # noqa: F841  (lives in the forked heap)
+    inherited = [["made before the fork"]]  # tracked (lists always are), in the forked heap
 
     def work(_):
         gc.collect()
-        return gc.get_freeze_count(), gc.is_tracked([]), gc.isenabled()
+        own = [["made in the child"]]
+        seen = {id(o) for o in gc.get_objects()}  # the collector's generations, not the frozen
+        return id(inherited) in seen, id(own) in seen, gc.isenabled()
 
     frozen_before = gc.get_freeze_count()
     out = [v for _, s, v in run_isolated(work, [0, 1], 1, 30.0, 0)]
-    assert all(frozen > frozen_before + 1000 and tracked and enabled
-               for frozen, tracked, enabled in out)
+    assert out == [(False, True, True)] * 2
     assert gc.isenabled() and gc.get_freeze_count() == frozen_before
