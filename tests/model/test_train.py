@@ -132,7 +132,6 @@ def test_text_weights_from_local_folder(tiny_corpus, micro_preset, tmp_path):
                            sd["embeddings.word_embeddings.weight"])  # fine-tuned from it
 
 
-
 def test_schedule_stages():
     from model.config import load_preset
     from model.train import lr_at, stage_of
