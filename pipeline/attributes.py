@@ -35,6 +35,9 @@ from .regions import (
     convex_hull,
     crop,
     decode_rle,
+    extent,
+    fill_holes,
+    grow,
     laterality,
     max_diameter_mm,
     to_uint8,
@@ -71,48 +74,60 @@ def modality_values(pixels: np.ndarray, image: dict) -> np.ndarray:
     return lo + pixels.astype(np.float64) / top * (hi - lo)
 
 
-def _window(mask: np.ndarray, spacing, margin_mm: float) -> tuple[slice, slice]:
-    """Slices of the mask's bounding box grown by ``margin_mm`` (+1 px), clipped."""
+def _window(mask: np.ndarray, spacing, margin_mm: float, ext=None) -> tuple[slice, slice]:
+    """Slices of the mask's bounding box grown by ``margin_mm`` (+1 px), clipped;
+    ``ext``: the mask's :func:`~pipeline.regions.extent` when the caller has it."""
     pad = int(np.ceil(margin_mm / min(spacing))) + 1
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return (slice(max(0, rows[0] - pad), rows[-1] + pad + 1),
-            slice(max(0, cols[0] - pad), cols[-1] + pad + 1))
+    return grow(extent(mask) if ext is None else ext, pad, mask.shape)
 
 
-def _ring(mask: np.ndarray, spacing, ring_mm: float, body: np.ndarray) -> np.ndarray:
+def _ring(mask: np.ndarray, spacing, ring_mm: float, body: np.ndarray, ext=None) -> np.ndarray:
     """(h, w) bool ring inside the window returned with it: pixels within ``ring_mm`` of the
     mask, outside it, inside the body."""
-    win = _window(mask, spacing, ring_mm)
+    win = _window(mask, spacing, ring_mm, ext)
     dist = ndimage.distance_transform_edt(~mask[win], sampling=(spacing[0], spacing[1]))
     return win, (dist > 0) & (dist <= ring_mm) & body[win]
 
 
-def intensity(mask, pixels, image, body, vocab, values=None) -> tuple[str, float, str]:
+def _grey(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) float64 grey-level fraction of the stored pixels."""
+    return pixels.astype(np.float64) / (65535.0 if pixels.dtype == np.uint16 else 255.0)
+
+
+def _sorted_reference(grey: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Sorted grey levels of the body (all pixels when there is none): percentile reference."""
+    return np.sort(grey[body] if body.any() else grey.ravel())
+
+
+def intensity(mask, pixels, image, body, vocab, values=None, ext=None,
+              reference=None) -> tuple[str, float, str]:
     """(class "hyper"/"iso"/"hypo", value, unit) of the region against its surroundings;
-    ``values``: the image's modality values if already computed (CT)."""
-    win, ring = _ring(mask, image["pixel_spacing_mm"], vocab["ring_mm"], body)
+    ``values``: the image's modality values (CT) or grey fractions (others) if already
+    computed; ``ext``: the mask's extent; ``reference``: :func:`_sorted_reference` (others)."""
+    win, ring = _ring(mask, image["pixel_spacing_mm"], vocab["ring_mm"], body, ext)
+    inner = mask[win]  # the window holds the whole mask: same pixels, same order as values[mask]
     if image["modality"] == "CT":
         values = modality_values(pixels, image) if values is None else values
-        inside = float(values[mask].mean())
+        inside = float(values[win][inner].mean())
         around = float(values[win][ring].mean()) if ring.any() else inside
         thr, diff, unit, value = vocab["intensity_thresholds"]["CT_hu"], inside - around, "HU", inside
     else:
-        grey = pixels.astype(np.float64) / (65535.0 if pixels.dtype == np.uint16 else 255.0)
-        inside = float(grey[mask].mean())
+        grey = _grey(pixels) if values is None else values
+        inside = float(grey[win][inner].mean())
         around = float(grey[win][ring].mean()) if ring.any() else inside
         thr, diff, unit = vocab["intensity_thresholds"]["other_fraction"], inside - around, "percentile"
-        ref = grey[body] if body.any() else grey.ravel()
-        value = float((ref < inside).mean() * 100.0)
+        ref = _sorted_reference(grey, body) if reference is None else reference
+        value = float(np.searchsorted(ref, inside, side="left") / len(ref) * 100.0)
     cls = "hyper" if diff > thr else "hypo" if diff < -thr else "iso"
     return cls, round(value, 3), unit
 
 
-def shape(mask: np.ndarray) -> tuple[float, float, float, str]:
+def shape(mask: np.ndarray, ext=None) -> tuple[float, float, float, str]:
     """(circularity, elongation, solidity, class) of an (H, W) bool mask, in pixel units.
 
     circularity 4πA/P² (P: skimage's perimeter), elongation 1 − minor/major axis from the
     second central moments, solidity A / area of the convex hull of the pixels (unit squares)."""
-    mask = crop(mask, 1)[0]
+    mask = crop(mask, 1, ext)[0]
     area = float(mask.sum())
     p = perimeter(mask)
     circ = float(min(1.0, 4 * math.pi * area / p**2)) if p > 0 else 1.0
@@ -128,15 +143,16 @@ def shape(mask: np.ndarray) -> tuple[float, float, float, str]:
     return round(circ, 4), round(elong, 4), round(solid, 4), cls
 
 
-def _location(mask, organs, spacing, vocab) -> tuple[str | None, str | None]:
+def _location(mask, organs, spacing, vocab, ext=None) -> tuple[str | None, str | None]:
     """("in" | "next to", organ display) for a lesion, from the organ masks on the image."""
-    rr, cc = np.nonzero(mask)
-    r, c = int(round(rr.mean())), int(round(cc.mean()))
+    sub, r0, c0 = crop(mask, 0, ext)
+    rr, cc = np.nonzero(sub)
+    r, c = int(round((rr + r0).mean())), int(round((cc + c0).mean()))
     for name, organ in organs:
         if organ[min(r, organ.shape[0] - 1), min(c, organ.shape[1] - 1)]:
             return "in", name
     best, best_d = None, float(vocab["next_to_mm"])
-    win = _window(mask, spacing, best_d)
+    win = _window(mask, spacing, best_d, ext)
     for name, organ in organs:
         sub = organ[win]
         if not sub.any():
@@ -158,7 +174,7 @@ def _organs(masks, regions, vocab) -> list[tuple[str, np.ndarray]]:
 def _filled(mask: np.ndarray) -> np.ndarray:
     sub, r0, c0 = crop(mask, 1)
     out = np.zeros(mask.shape, bool)
-    out[r0:r0 + sub.shape[0], c0:c0 + sub.shape[1]] = ndimage.binary_fill_holes(sub)
+    out[r0:r0 + sub.shape[0], c0:c0 + sub.shape[1]] = fill_holes(sub)
     return out
 
 
@@ -179,18 +195,21 @@ def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
     organs = _organs([m if m is not None else np.zeros(pixels.shape, bool) for m in masks],
                      regions, vocab) if any(lesions) else []
     spacing = image["pixel_spacing_mm"]
-    values = modality_values(pixels, image) if image["modality"] == "CT" else None
+    ct = image["modality"] == "CT"
+    values = modality_values(pixels, image) if ct else _grey(pixels)
+    reference = None if ct else _sorted_reference(values, body)
     out = []
     for region, mask, lesion in zip(regions, masks, lesions, strict=True):
-        if mask is None or not mask.any():
+        ext = None if mask is None else extent(mask)
+        if ext is None:
             out.append(None)
             continue
-        cen = centroid_ras(mask, image["pixel_to_ras"])
-        rel, loc = _location(mask, organs, spacing, vocab) if lesion else (None, None)
+        cen = centroid_ras(mask, image["pixel_to_ras"], ext)
+        rel, loc = _location(mask, organs, spacing, vocab, ext) if lesion else (None, None)
         diam = region.get("max_diameter_mm") if trust_rows else None
-        diam = max_diameter_mm(mask, spacing) if diam is None else diam
-        icls, ival, unit = intensity(mask, pixels, image, body, vocab, values)
-        circ, elong, solid, scls = shape(mask)
+        diam = max_diameter_mm(mask, spacing, ext) if diam is None else diam
+        icls, ival, unit = intensity(mask, pixels, image, body, vocab, values, ext, reference)
+        circ, elong, solid, scls = shape(mask, ext)
         out.append({
             "label": display(region["label"], vocab), "is_lesion": lesion,
             "laterality": laterality(cen[0], midline, vocab["midline_band_mm"]), "location": loc,

@@ -78,6 +78,33 @@ def test_intensity_in_hu(lesion_hu, cls):
     assert a["intensity_value"] == pytest.approx(lesion_hu, abs=1.0)  # window step is 1.57 HU
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_intensity_percentile_outside_ct(dtype):
+    """MR: the value is the percentile of the region's mean grey level among body pixels, and
+    the class compares it with a ring around the region."""
+    from pipeline.regions import body_mask, to_uint8
+
+    top = np.iinfo(dtype).max
+    rng = np.random.default_rng(2)
+    hu = _body()
+    grey = np.where(hu > 0, 0.3 + 0.2 * rng.random(hu.shape), 0.0)
+    bright, dark = _disk(hu.shape, (60, 50), 7), _disk(hu.shape, (60, 110), 7)
+    grey[bright], grey[dark] = 0.9, 0.31
+    px = np.round(grey * top).astype(dtype)
+    image, _ = _image(hu)
+    image.update(modality="MR", image={"bytes": cv2.imencode(".png", px)[1].tobytes(), "path": None})
+    attrs = derive_attributes(image, px, [_region("a", "liver_mass", bright),
+                                          _region("b", "liver_mass", dark)])
+    body = body_mask(to_uint8(px))
+    ref = px[body].astype(np.float64) / top
+    for a, mask in zip(attrs, (bright, dark), strict=True):
+        inside = float((px[mask].astype(np.float64) / top).mean())
+        assert a["intensity_unit"] == "percentile"
+        assert a["intensity_value"] == round(float((ref < inside).mean() * 100.0), 3)
+    assert (attrs[0]["intensity_class"], attrs[1]["intensity_class"]) == ("hyper", "hypo")
+    assert attrs[0]["intensity_value"] == 100.0 and attrs[1]["intensity_value"] < 50.0
+
+
 def test_location_in_organ_with_lesion_carved_out():
     hu = _body()
     organ = _disk(hu.shape, (60, 50), 25)

@@ -152,3 +152,65 @@ def test_boxes_route_prompts_can_be_limited_to_some_labels():
     some = label_prompts(image, lab, names, RegionConfig(routes=("boxes",), box_labels=("mass",)))
     assert [p[0] for p in every] == ["liver", "liver_mass"]
     assert some == [("liver_mass", 2, [20.0, 20.0, 30.0, 30.0])]
+
+
+def _random_labels(rng, shape=(48, 64), values=4) -> np.ndarray:
+    """A label slice of blobs (dilated noise) with values 1..values and a few negatives."""
+    from scipy import ndimage
+
+    lab = np.zeros(shape, np.int32)
+    for v in range(1, values + 1):
+        lab[ndimage.binary_dilation(rng.random(shape) < 0.01, iterations=2)] = v
+    lab[rng.random(shape) < 0.002] = -3  # negative values count as background
+    return lab
+
+
+def test_components_windowed_labelling_equals_whole_slice_labelling():
+    """Each value is labelled inside its own bounding window: the components, their order
+    (value, then raster order of the first pixel) and their masks equal a whole-slice
+    scipy labelling."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    names = {1: "liver", 2: "body", 3: "kidney_left", 4: "nodule"}
+    cfg = RegionConfig(min_area_mm2=2.0)
+    for _ in range(20):
+        lab = _random_labels(rng)
+        want = []
+        for v in sorted(set(np.unique(lab)) - {0, -3, 2}):
+            cc, n = ndimage.label(lab == v, structure=np.ones((3, 3)))  # numbered in raster order
+            want += [(int(v), names[int(v)], cc == k) for k in range(1, n + 1)
+                     if (cc == k).sum() * 0.5 * 0.5 >= 2.0]
+        got = components(lab, names, (0.5, 0.5), cfg)
+        assert [(v, n) for v, n, _ in got] == [(v, n) for v, n, _ in want]
+        assert all((g == w).all() for (_, _, g), (_, _, w) in zip(got, want, strict=True))
+
+
+def test_fill_holes_equals_scipy():
+    from scipy import ndimage
+
+    from pipeline.regions import fill_holes
+
+    rng = np.random.default_rng(3)
+    for i in range(300):
+        m = rng.random(tuple(rng.integers(1, 40, 2))) < rng.uniform(0.2, 0.8)
+        if i % 2:
+            m = ndimage.binary_dilation(m)  # rings with holes
+        assert (fill_holes(m) == ndimage.binary_fill_holes(m)).all()
+
+
+def test_midline_from_row_ends_equals_all_body_pixels():
+    """x is affine in (col, row): the midline from each row's end pixels equals the one from
+    every body pixel, also for an oblique (rotated) pixel → RAS map."""
+    from pipeline.regions import body_midline_x
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:90, :120]
+    body = ((yy - 45) / 40) ** 2 + ((xx - 60) / 50) ** 2 <= 1
+    body &= rng.random(body.shape) > 0.05  # holes do not matter
+    for angle in (0.0, 0.3, 1.2):
+        c, s = np.cos(angle), np.sin(angle)
+        m = np.array([[-0.7 * c, 0.8 * s, 12.5], [0.7 * s, 0.8 * c, -3.0], [0, 0, 1.0]])
+        r, col = np.nonzero(body)
+        x = m[0, 0] * col + m[0, 1] * r + m[0, 2]
+        assert body_midline_x(m.ravel().tolist(), body) == float((x.min() + x.max()) / 2)
