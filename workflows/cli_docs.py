@@ -20,6 +20,7 @@ COMMANDS = [
     ("python -m workflows.demo", "workflows.demo"),
     ("python -m workflows.bench_ingest", "workflows.bench_ingest"),
     ("python -m workflows.bench_corpus", "workflows.bench_corpus"),
+    ("python -m workflows.bench_units", "workflows.bench_units"),
     ("python -m workflows.bench_segment", "workflows.bench_segment"),
     ("python -m workflows.bench_train", "workflows.bench_train"),
 ]
