@@ -110,6 +110,27 @@ def _works(entries, tasks, cfg) -> list[ShardWork]:
     return out
 
 
+def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set
+          ) -> tuple[int, list[ShardWork], dict]:
+    """Discover, commit the discovery shard (files outside every unit) if not yet committed,
+    and cut the units into shards → (files found, pending shards, missing decoders).
+
+    The per-file entries are the one part of the driver's memory that grows with the
+    collection: past this call only the pending shards' own entries stay referenced, and the
+    Ray executor drops those once it has pickled them."""
+    entries, tasks, missing = _discover(cfg, deid)
+    in_units = {i for task in tasks for i in unit_files(task)}
+    if "discovery" not in markers:
+        rows = {"files": [file_row(e, None, None, e.status, e.reason, e.error)
+                          for e in entries if e.index not in in_units]}
+        markers["discovery"] = commit_shard(cfg.out, "discovery", rows, table_stats(rows))
+    works = _works(entries, tasks, cfg)
+    pending = [w for w in works if shard_name(w.k) not in markers.keys() | replaced]
+    print(f"{len(entries)} files, {len(tasks)} series in {len(works)} shards "
+          f"({len(works) - len(pending)} already committed)", file=sys.stderr)
+    return len(entries), pending, missing
+
+
 MANIFEST_EVERY_S = 5.0  # manifest refresh interval while shards commit
 
 
@@ -132,18 +153,9 @@ def build(cfg: BuildConfig) -> dict:
     _check_out_dir(cfg.out, cfg.config_hash())
     remove_stale_temporaries(cfg.out)
     timings, t = {}, time.monotonic()
-    entries, tasks, missing = _discover(cfg, deid)
-    timings["discover"] = round(time.monotonic() - t, 3)
     markers, replaced = committed_shards(cfg.out)
-    in_units = {i for task in tasks for i in unit_files(task)}
-    if "discovery" not in markers:
-        rows = {"files": [file_row(e, None, None, e.status, e.reason, e.error)
-                          for e in entries if e.index not in in_units]}
-        markers["discovery"] = commit_shard(cfg.out, "discovery", rows, table_stats(rows))
-    works = _works(entries, tasks, cfg)
-    pending = [w for w in works if shard_name(w.k) not in markers.keys() | replaced]
-    print(f"{len(entries)} files, {len(tasks)} series in {len(works)} shards "
-          f"({len(works) - len(pending)} already committed)", file=sys.stderr)
+    n_found, pending, missing = _plan(cfg, deid, markers, replaced)
+    timings["discover"] = round(time.monotonic() - t, 3)
     extra = {"missing_decoders": missing, **_provenance(cfg)}
 
     last = [0.0]
@@ -154,13 +166,13 @@ def build(cfg: BuildConfig) -> dict:
         O(shards²) on big runs). The final manifest is written below."""
         markers[marker["shard"]] = marker
         if time.monotonic() - last[0] >= MANIFEST_EVERY_S:
-            write_manifest(cfg.out, summarize(len(entries), markers, cfg, deid, timings, extra))
+            write_manifest(cfg.out, summarize(n_found, markers, cfg, deid, timings, extra))
             last[0] = time.monotonic()
 
     t = time.monotonic()
     run = run_ray if cfg.execution.executor == "ray" else run_local
     run(pending, cfg, deid, on_marker)
     timings["series"] = round(time.monotonic() - t, 3)
-    manifest = summarize(len(entries), markers, cfg, deid, timings, extra)
+    manifest = summarize(n_found, markers, cfg, deid, timings, extra)
     write_manifest(cfg.out, manifest)
     return manifest

@@ -146,22 +146,26 @@ def _ray_init(cfg: BuildConfig) -> bool:
 
 
 def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_marker) -> None:
-    """The Ray Data pipeline over shards (see module doc)."""
+    """The Ray Data pipeline over shards (see module doc). Empties ``works`` once pickled, so
+    the driver does not hold every file's entry for the whole run."""
     import ray
 
     started = _ray_init(cfg)
     try:
         items = [{"k": w.k, "work": pickle.dumps(w)} for w in works]
+        works.clear()  # the shards' file entries now live only in ``items`` (smaller, pickled)
+        n = len(items)
         if not items:
             return
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver prints its own progress lines (below)
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ray.data.from_items(items, override_num_blocks=n)
+        del items  # in the object store now
         ex = cfg.execution
         retries = ex.max_retries  # explicit: Ray's default for crashed workers is to retry
         model_cpus = ex.model_actors if needs_models(cfg) else 0
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        cpu_actors = max(1, min(len(items), cpus - model_cpus))
+        cpu_actors = max(1, min(n, cpus - model_cpus))
         # one shard running and one queued per actor: no idle gap, and at the end no actor
         # holds a backlog while another has none
         ds = ds.map(_CpuShard, fn_constructor_kwargs={"cfg": cfg, "deid": deid},
@@ -176,9 +180,9 @@ def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_mar
                         num_gpus=gpus, num_cpus=1,
                         max_restarts=retries, max_task_retries=retries)
         t0 = time.monotonic()
-        for n, row in enumerate(ds.iter_rows(), 1):
+        for done, row in enumerate(ds.iter_rows(), 1):
             on_marker(json.loads(row["marker"]))
-            progress("shards", n, len(items), t0)
+            progress("shards", done, n, t0)
     finally:
         if started:
             ray.shutdown()
