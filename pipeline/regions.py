@@ -108,6 +108,8 @@ def row_ends(mask: np.ndarray, ext=None) -> tuple[np.ndarray, np.ndarray, np.nda
     int64 in the mask's frame (``ext``: its :func:`extent`, to scan only that window)."""
     sub, r0, c0 = crop(mask, 0, ext)
     rows = np.flatnonzero(sub.any(1))
+    if rows.size == 0:
+        return rows, rows.copy(), rows.copy()
     sub = sub[rows]
     left = sub.argmax(1)
     right = sub.shape[1] - sub[:, ::-1].argmax(1)

@@ -214,3 +214,25 @@ def test_midline_from_row_ends_equals_all_body_pixels():
         r, col = np.nonzero(body)
         x = m[0, 0] * col + m[0, 1] * r + m[0, 2]
         assert body_midline_x(m.ravel().tolist(), body) == float((x.min() + x.max()) / 2)
+
+
+def test_empty_mask_measures_and_row():
+    """An empty mask (a SAM box that found nothing) measures as empty instead of failing, and
+    its regions row has no RLE, zero area and diameter, and no centroid or side."""
+    from pipeline.regions import centroid_ras, hull_points, region_row
+
+    empty = np.zeros((20, 30), bool)
+    assert bbox_of(empty) == [0.0, 0.0, 0.0, 0.0]
+    assert hull_points(empty).shape == (0, 2) and len(convex_hull(empty)) == 0
+    assert max_diameter_mm(empty, (0.5, 0.5)) == 0.0
+    image = {"image_id": "i", "unit_key": "u", "series_key": "s", "patient_key": "p",
+             "split": "train", "modality": "CT", "plane": "axial",
+             "pixel_spacing_mm": [0.5, 0.5], "pixel_to_ras": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
+    row = region_row(image, "lung_nodule", None, "boxes", empty, [1, 1, 5, 5], 0.0,
+                     RegionConfig(routes=("boxes",)), score=0.1, segmenter="lite-medsam")
+    assert (row["area_px"], row["mask_rle"], row["max_diameter_mm"], row["laterality"]) == \
+        (0, None, 0.0, None)
+    assert all(np.isnan(row["centroid_ras"]))
+    one = empty.copy()
+    one[4, 7] = True
+    assert centroid_ras(one, image["pixel_to_ras"]) == [7.0, 4.0, 1.0]
