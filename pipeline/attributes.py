@@ -188,6 +188,8 @@ def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
     ``body``: the image's :func:`~pipeline.regions.body_mask` when the caller has it already."""
     vocab = vocab or load_vocab()
     masks = [decode_rle(r["mask_rle"]) if r["mask_rle"] else None for r in regions]
+    if all(m is None for m in masks):  # no region to measure: skip the per-image work below
+        return [None] * len(masks)
     if body is None:
         body = body_mask(to_uint8(pixels))
     midline = body_midline_x(image["pixel_to_ras"], body)
