@@ -48,6 +48,20 @@ def floor(src: Path, workers: int) -> tuple[int, float]:
     return n, time.perf_counter() - t
 
 
+def unit_tasks(src: Path, out: Path):
+    """(config, key, units) of a build of ``src`` cutting every slice, discovered in this
+    process (walk, header scan, grouping): the plain loop's and bench_units' way in."""
+    from pipeline.config import BuildConfig
+    from pipeline.deid import Deidentifier
+    from pipeline.discover import scan_headers, walk
+    from pipeline.slicing import SliceConfig
+    from pipeline.units import group_units
+
+    cfg = BuildConfig(sources=(src,), out=out, slicing=SliceConfig(every_k=1))
+    deid = Deidentifier.from_env()
+    return cfg, deid, list(group_units(scan_headers(walk(cfg.sources, deid)), deid))
+
+
 def plain_loop(src: Path, out: Path, cv2_threads: int | None = None
                ) -> tuple[int, int, float, float]:
     """The same work as build-corpus (discover, units, regions, captions), one process →
@@ -59,12 +73,7 @@ def plain_loop(src: Path, out: Path, cv2_threads: int | None = None
     import pyarrow.parquet as pq
 
     from pipeline.build import quiet_libraries
-    from pipeline.config import BuildConfig
-    from pipeline.deid import Deidentifier
-    from pipeline.discover import scan_headers, walk
     from pipeline.ingest import process_unit
-    from pipeline.slicing import SliceConfig
-    from pipeline.units import group_units
     from pipeline.write import IMAGES_SCHEMA, REGIONS_SCHEMA
 
     quiet_libraries()
@@ -72,11 +81,9 @@ def plain_loop(src: Path, out: Path, cv2_threads: int | None = None
     if cv2_threads is not None:
         cv2.setNumThreads(cv2_threads)
     t, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    cfg = BuildConfig(sources=(src,), out=out, slicing=SliceConfig(every_k=1))
-    deid = Deidentifier.from_env()
-    entries = scan_headers(walk(cfg.sources, deid))
+    cfg, deid, tasks = unit_tasks(src, out)
     images, regions = [], []
-    for task in group_units(entries, deid):
+    for task in tasks:
         res = process_unit(task, cfg, deid)
         images += res.images
         regions += res.regions

@@ -27,22 +27,17 @@ import cv2
 
 def run(patients: int, matrix: int, units: int, rounds: int, work: Path) -> dict:
     from pipeline.build import quiet_libraries
-    from pipeline.config import BuildConfig
-    from pipeline.deid import Deidentifier
-    from pipeline.discover import scan_headers, walk
     from pipeline.ingest import process_unit
     from pipeline.phantoms import make_phantoms
-    from pipeline.slicing import SliceConfig
-    from pipeline.units import group_units
+    from workflows.bench_corpus import unit_tasks
 
     quiet_libraries()
     cv2.setNumThreads(1)  # as in the build's workers (pipeline.execute.one_thread_per_worker)
     src = work / f"phantoms_{patients}_{matrix}"
     if not src.exists():
         make_phantoms(src, patients=patients, seed=0, matrix=matrix)
-    cfg = BuildConfig(sources=(src,), out=work / "unused", slicing=SliceConfig(every_k=1))
-    deid = Deidentifier.from_env()
-    tasks = list(group_units(scan_headers(walk(cfg.sources, deid)), deid))[:units]
+    cfg, deid, tasks = unit_tasks(src, work / "unused")
+    tasks = tasks[:units]
     process_unit(tasks[0], cfg, deid)  # imports and first-use work
     digest, best = hashlib.sha256(), None
     for k in range(rounds):
