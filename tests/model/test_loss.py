@@ -76,8 +76,10 @@ def _worker(rank, port, siglip, queue):
         total.backward()
         vals = torch.tensor([float(terms[k].detach()) for k in sorted(terms)])
         dist.all_reduce(vals)
-        grads = {k: f[k].grad.clone() for k in ("image_features", "region_features",
-                                                "negative_features", "text_features")}
+        # numpy arrays pickle by value; torch tensors would travel as shared-memory file
+        # descriptors that vanish when this process exits before the parent reads them
+        grads = {k: f[k].grad.numpy().copy() for k in ("image_features", "region_features",
+                                                       "negative_features", "text_features")}
         queue.put((rank, (vals / 2).tolist(), grads))
     finally:
         dist.destroy_process_group()
@@ -107,7 +109,7 @@ def test_two_rank_gather_matches_single_process(siglip):
         # each rank's local gradient is world·(gradient of the single-process loss)
         ref = _split({k: f[k].grad for k in results[rank][1]}, rank)
         for k, g in results[rank][1].items():
-            torch.testing.assert_close(g / 2, ref[k], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(torch.from_numpy(g) / 2, ref[k], rtol=1e-4, atol=1e-6)
 
 
 def test_hard_labels_equal_identity_keys():
