@@ -23,7 +23,14 @@ from .errors import SKIP_REASONS, IngestError
 from .labels import label_names_from_json, read_mask_folder, read_nifti_labels
 from .labels_dicom import rasterize_rtstruct, read_dicom_seg
 from .propose import decode_png
-from .regions import RegionConfig, body_mask, label_prompts, label_regions, to_uint8
+from .regions import (
+    RegionConfig,
+    body_mask,
+    label_prompts,
+    label_regions,
+    present_values,
+    to_uint8,
+)
 from .slicing import SliceConfig, cut_images
 from .volume import Volume
 from .volumes import read_dicom_series, read_nifti
@@ -159,17 +166,9 @@ def _series_row(task, vol: Volume, label_source: str, split: str, n_images: int)
     }
 
 
-def _present_values(labels: np.ndarray) -> list[int]:
-    """Sorted nonzero values of an (H, W) int label image (bincount: ~10x faster than unique)."""
-    if labels.size == 0 or labels.max() <= 0:
-        return []
-    counts = np.bincount(labels.ravel().clip(0))
-    return [int(v) for v in np.flatnonzero(counts) if v]
-
-
 def _image_row(task, vol: Volume, img, split: str) -> dict:
     m = vol.meta
-    values = [] if img.labels is None else _present_values(img.labels)
+    values = [] if img.labels is None else present_values(img.labels)
     return {
         "image_id": image_id(task.unit_key, img.plane, img.slice_index, img.window),
         "unit_key": task.unit_key, "series_key": m["series_key"],

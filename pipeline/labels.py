@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import IngestError
 from .labels_dicom import rasterize_rtstruct, read_dicom_seg
+from .regions import present_values
 from .volume import Volume, check_affine, to_canonical
 
 __all__ = [
@@ -201,7 +202,7 @@ def read_nifti_labels(
     _check_grid(data.shape, affine, volume, path)
     labels = np.ascontiguousarray(data, dtype=np.int32)
     given = names or {}
-    present = [int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v != 0]
+    present = present_values(labels)
     return labels, {v: given.get(v) or f"label_{v}" for v in present}
 
 
@@ -271,6 +272,6 @@ def read_mask_folder(paths: list[Path], volume: Volume, names: dict[int, str] | 
         raise IngestError("bad_label", "no masks to merge", None)
     merged, affine = to_canonical(merged, affine)
     _check_grid(merged.shape, affine, volume, paths[0])
-    present = [int(v) for v in np.flatnonzero(np.bincount(merged.ravel())) if v]
+    present = present_values(merged)
     given = names or {}
     return merged, {v: given.get(v) or f"label_{v}" for v in present}

@@ -31,6 +31,7 @@ from pydicom.multival import MultiValue
 from skimage.draw import polygon
 
 from .errors import IngestError
+from .regions import present_values
 from .volume import LPS_TO_RAS, Volume
 
 _FLIP = np.diag(LPS_TO_RAS)[:3]  # (-1, -1, 1): LPS mm → RAS mm
@@ -66,7 +67,7 @@ def _grid(volume: Volume) -> tuple[int, int, int]:
 
 
 def _present(labels: np.ndarray, names: dict[int, str]) -> dict[int, str]:
-    values = {int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v != 0}
+    values = set(present_values(labels))
     return {v: n for v, n in names.items() if v in values}
 
 

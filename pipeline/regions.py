@@ -217,6 +217,38 @@ def laterality(x_ras: float, midline_x: float | None, band_mm: float) -> str | N
     return "midline"
 
 
+DENSE_MAX = 1 << 16  # label values up to this (or the array's size) are indexed directly
+
+
+def present_values(labels: np.ndarray) -> list[int]:
+    """Sorted positive values of an int label array of any shape (negative values are
+    background). Counted with ``np.bincount`` while the largest value is small; with
+    ``np.unique`` beyond that, so atlas ids in the hundreds of millions cost no memory."""
+    flat = labels.ravel()
+    if flat.size == 0 or int(flat.max()) <= 0:
+        return []
+    if int(flat.max()) > max(DENSE_MAX, flat.size):
+        values = np.unique(flat)
+        return [int(v) for v in values[values > 0]]
+    if int(flat.min()) < 0:
+        flat = np.maximum(flat, 0)
+    return [int(v) for v in np.flatnonzero(np.bincount(flat)[1:]) + 1]
+
+
+def dense_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Label array (any shape, int) → (dense, values): ``dense`` has the same shape, negative
+    values as 0, and values renumbered 1..n when the largest exceeds ``DENSE_MAX`` and the
+    array's size (``values[d]`` is the label of dense number d, ``values[0]`` = 0); otherwise
+    ``dense`` holds the labels themselves and ``values`` is None."""
+    dense = np.maximum(labels, 0)
+    if dense.size == 0 or int(dense.max()) <= max(DENSE_MAX, dense.size):
+        return dense, None
+    values = np.unique(dense)
+    if values[0] != 0:
+        values = np.concatenate([[0], values])
+    return np.searchsorted(values, dense).astype(np.int32), values
+
+
 def components(label_slice: np.ndarray, names: dict[int, str], spacing_mm,
                cfg: RegionConfig) -> list[tuple[int, str, np.ndarray]]:
     """(value, name, (H, W) bool mask) per kept 8-connected component, in value then raster order.
@@ -225,12 +257,13 @@ def components(label_slice: np.ndarray, names: dict[int, str], spacing_mm,
     the cost follows the structures, not the image size."""
     out = []
     px_mm2 = float(spacing_mm[0]) * float(spacing_mm[1])
-    lab_all = np.maximum(label_slice, 0)  # negative values are background, as 0
-    for value, win in enumerate(ndimage.find_objects(lab_all), 1):
+    lab_all, values = dense_labels(label_slice)  # find_objects lists 1..max: keep max small
+    for d, win in enumerate(ndimage.find_objects(lab_all), 1):
+        value = d if values is None else int(values[d])
         name = names.get(value, f"label_{value}")
         if win is None or name in cfg.ignore_labels:
             continue
-        (rs, cs), sub = win, lab_all[win] == value
+        (rs, cs), sub = win, lab_all[win] == d
         n, lab, stats, _ = cv2.connectedComponentsWithStats(
             sub.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
         for k in sorted(range(1, n), key=lambda k: _first_pixel(lab, stats, k)):

@@ -393,6 +393,24 @@ def test_nifti_non_canonical_orientation(tmp_path):
     assert names == {1: "liver", 4: "label_4"}
 
 
+def test_nifti_atlas_sized_ids(tmp_path):
+    """A label value of 614 454 277 (an Allen CCF id) is read and named without an array sized
+    by the value (np.bincount over it would take 4.9 GB)."""
+    import tracemalloc
+
+    s = axial()
+    vol = s.volume()
+    want = np.where(canonical_labels(s) == 4, 614_454_277, canonical_labels(s)).astype(np.int32)
+    nib.save(nib.Nifti1Image(want, vol.affine), tmp_path / "atlas.nii.gz")
+    tracemalloc.start()
+    labels, names = read_nifti_labels(tmp_path / "atlas.nii.gz", vol, names={614_454_277: "VISp"})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(labels, want)
+    assert names == {1: "label_1", 614_454_277: "VISp"}
+    assert peak < 64 << 20, f"peak {peak} bytes"
+
+
 def test_nifti_float_and_4d(tmp_path):
     s = axial()
     vol = s.volume()

@@ -236,3 +236,34 @@ def test_empty_mask_measures_and_row():
     one = empty.copy()
     one[4, 7] = True
     assert centroid_ras(one, image["pixel_to_ras"]) == [7.0, 4.0, 1.0]
+
+
+def test_atlas_sized_label_values_cost_no_memory():
+    """Atlas ids in the hundreds of millions (the Allen mouse CCF's go past 600 000 000) give
+    the same components as small ids, without any array or list sized by the largest id."""
+    import tracemalloc
+
+    from pipeline.regions import present_values
+
+    rng = np.random.default_rng(5)
+    cfg = RegionConfig(min_area_mm2=2.0)
+    small_names = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "nodule"}
+    ids = {1: 614_454_277, 2: 7, 3: 2_000_000_000, 4: 312_782_574}
+    big_names = {ids[v]: n for v, n in small_names.items()}
+    for _ in range(5):
+        small = _random_labels(rng)
+        big = small.copy()
+        for v, b in ids.items():
+            big[small == v] = b
+        tracemalloc.start()
+        got = components(big, big_names, (0.5, 0.5), cfg)
+        values = present_values(big)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 8 << 20, f"peak {peak} bytes"
+        # components come in value order, then raster order within a value (stable sort)
+        want = sorted(((ids[v], n, m) for v, n, m in components(small, small_names, (0.5, 0.5),
+                                                                 cfg)), key=lambda t: t[0])
+        assert [(v, n) for v, n, _ in got] == [(v, n) for v, n, _ in want]
+        assert all((g == w).all() for (_, _, g), (_, _, w) in zip(got, want, strict=True))
+        assert values == sorted(ids[v] for v in present_values(small))
