@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from .regions import fill_holes
 from .segment_models import (  # noqa: F401  (PRECISIONS, autocast_dtype re-exported)
     PRECISIONS,
     SAM_PIXEL_MEAN,
@@ -346,7 +347,7 @@ def otsu_object(crop: np.ndarray) -> np.ndarray:
     if n == 0:
         return obj
     sizes = np.bincount(lab.ravel())[1:]
-    return ndimage.binary_fill_holes(lab == (1 + int(np.argmax(sizes))))
+    return fill_holes(lab == (1 + int(np.argmax(sizes))))
 
 
 class OtsuSegmenter(Segmenter):
