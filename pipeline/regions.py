@@ -217,17 +217,18 @@ def laterality(x_ras: float, midline_x: float | None, band_mm: float) -> str | N
     return "midline"
 
 
-DENSE_MAX = 1 << 16  # label values up to this (or the array's size) are indexed directly
+DENSE_MAX = 1 << 16  # label values up to this are counted and indexed directly
 
 
 def present_values(labels: np.ndarray) -> list[int]:
     """Sorted positive values of an int label array of any shape (negative values are
-    background). Counted with ``np.bincount`` while the largest value is small; with
-    ``np.unique`` beyond that, so atlas ids in the hundreds of millions cost no memory."""
+    background). Counted with ``np.bincount`` up to ``DENSE_MAX``; with ``np.unique`` beyond,
+    so atlas ids in the hundreds of millions cost no memory."""
     flat = labels.ravel()
-    if flat.size == 0 or int(flat.max()) <= 0:
+    top = int(flat.max()) if flat.size else 0
+    if top <= 0:
         return []
-    if int(flat.max()) > max(DENSE_MAX, flat.size):
+    if top > DENSE_MAX:
         values = np.unique(flat)
         return [int(v) for v in values[values > 0]]
     if int(flat.min()) < 0:
@@ -236,12 +237,12 @@ def present_values(labels: np.ndarray) -> list[int]:
 
 
 def dense_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Label array (any shape, int) → (dense, values): ``dense`` has the same shape, negative
-    values as 0, and values renumbered 1..n when the largest exceeds ``DENSE_MAX`` and the
-    array's size (``values[d]`` is the label of dense number d, ``values[0]`` = 0); otherwise
-    ``dense`` holds the labels themselves and ``values`` is None."""
+    """Label array (any shape, int) → (dense, values): ``dense`` has the same shape with
+    negative values as 0. When the largest value exceeds ``DENSE_MAX`` the values are
+    renumbered 1..n (``values[d]`` is the label of dense number d, ``values[0]`` = 0);
+    otherwise ``dense`` holds the labels themselves and ``values`` is None."""
     dense = np.maximum(labels, 0)
-    if dense.size == 0 or int(dense.max()) <= max(DENSE_MAX, dense.size):
+    if dense.size == 0 or int(dense.max()) <= DENSE_MAX:
         return dense, None
     values = np.unique(dense)
     if values[0] != 0:
