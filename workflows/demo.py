@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("data/demo"), help="results folder")
     p.add_argument("--patients", type=int, default=8, help="phantom studies")
     p.add_argument("--detector-epochs", type=int, default=4, help="YOLO epochs (short)")
-    p.add_argument("--model-steps", type=int, default=240, help="train-model steps (short)")
+    p.add_argument("--model-steps", type=int, default=320, help="train-model steps (short)")
     args = p.parse_args(argv)
     o, t = args.out, {}
     ph, det, corpus = o / "phantoms", o / "runs" / "detector", o / "corpus"
