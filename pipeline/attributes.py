@@ -180,14 +180,18 @@ def _filled(mask: np.ndarray) -> np.ndarray:
 
 def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
                       vocab: dict | None = None, trust_rows: bool = False,
-                      body: np.ndarray | None = None) -> list[dict]:
+                      body: np.ndarray | None = None,
+                      masks: list | None = None) -> list[dict]:
     """One attribute record per region of ``image`` (same order), from stored data only.
 
-    ``trust_rows``: reuse the rows' ``max_diameter_mm`` (computed from the same mask by the
-    same function when the row was made) instead of measuring again; the checker never does.
-    ``body``: the image's :func:`~pipeline.regions.body_mask` when the caller has it already."""
+    ``trust_rows``: reuse the rows' ``max_diameter_mm`` and ``centroid_ras`` (computed from
+    the same mask by the same functions when the row was made) instead of measuring again; the
+    checker never does. ``body``: the image's :func:`~pipeline.regions.body_mask` when the
+    caller has it already. ``masks``: the regions' (H, W) bool masks when the caller has them
+    (a None entry, or no list, is decoded from the row's ``mask_rle``)."""
     vocab = vocab or load_vocab()
-    masks = [decode_rle(r["mask_rle"]) if r["mask_rle"] else None for r in regions]
+    masks = [m if m is not None else decode_rle(r["mask_rle"]) if r["mask_rle"] else None
+             for r, m in zip(regions, masks or [None] * len(regions), strict=True)]
     if all(m is None for m in masks):  # no region to measure: skip the per-image work below
         return [None] * len(masks)
     if body is None:
@@ -206,7 +210,8 @@ def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
         if ext is None:
             out.append(None)
             continue
-        cen = centroid_ras(mask, image["pixel_to_ras"], ext)
+        cen = region.get("centroid_ras") if trust_rows else None
+        cen = centroid_ras(mask, image["pixel_to_ras"], ext) if cen is None else cen
         rel, loc = _location(mask, organs, spacing, vocab, ext) if lesion else (None, None)
         diam = region.get("max_diameter_mm") if trust_rows else None
         diam = max_diameter_mm(mask, spacing, ext) if diam is None else diam

@@ -171,11 +171,13 @@ def summary_and_report(image: dict, attrs: list[dict], captions: list[str], voca
 
 
 def describe_image(image: dict, pixels, regions: list[dict], seed: int = 0,
-                   version: str = "v1", body=None) -> None:
-    """Fill caption columns of ``image`` and of its ``regions`` (in place); ``body``: the
-    image's body mask if already computed."""
+                   version: str = "v1", body=None, masks: list | None = None) -> None:
+    """Fill caption columns of ``image`` and of its ``regions`` (in place). ``pixels``: the
+    image's (H, W) uint8/uint16 array (may be None when ``regions`` is empty); ``body``: its
+    body mask and ``masks``: the regions' (H, W) bool masks, when already computed."""
     vocab = load_vocab(version)
-    attrs = derive_attributes(image, pixels, regions, vocab, trust_rows=True, body=body)
+    attrs = derive_attributes(image, pixels, regions, vocab, trust_rows=True, body=body,
+                              masks=masks)
     captions = []
     for k, (region, a) in enumerate(zip(regions, attrs, strict=True)):
         region["caption_version"] = vocab["version"]

@@ -17,14 +17,13 @@ import numpy as np
 
 from .config import PIPELINE_VERSION, BuildConfig
 from .deid import Deidentifier
-from .describe import describe_all
+from .describe import describe_image
 from .dicom_io import dcmread_safe
 from .errors import SKIP_REASONS, IngestError
 from .labels import label_names_from_json, read_mask_folder, read_nifti_labels
 from .labels_dicom import rasterize_rtstruct, read_dicom_seg
 from .propose import decode_png
 from .regions import (
-    RegionConfig,
     body_mask,
     label_prompts,
     label_regions,
@@ -198,25 +197,32 @@ def _slicing_for(vol: Volume, cfg: SliceConfig) -> SliceConfig:
     return replace(cfg, planes=(PLANE_OF_SINGLETON_AXIS[flat[-1]],), every_k=1)
 
 
-def _propose_from_labels(images, result: UnitResult, names,
-                         rcfg: RegionConfig) -> tuple[dict, dict]:
-    """labels route: exact regions; boxes route: component boxes as prompts for the segmenter.
+def _regions_and_captions(images, result: UnitResult, names, cfg: BuildConfig,
+                          clock: _Clock) -> None:
+    """Image by image: the labels route's exact regions, the boxes route's prompts (component
+    boxes for the segmenter) and, when no model stage follows, the captions.
 
-    Returns (image_id → decoded pixels, image_id → body mask) of the images it decoded, reused
-    by the captions."""
-    decoded, bodies = {}, {}
+    Each image's pixels (the array its PNG encodes), body mask and region masks are measured
+    once and dropped before the next image, so a unit never holds more than one image's
+    masks. Seconds go to the ``regions`` and ``captions`` stages of ``clock``."""
+    rcfg = cfg.regions
+    describe = not {"boxes", "detector"} & set(rcfg.routes)  # else the model stage describes
     for img, row in zip(images, result.images, strict=True):
-        if img.labels is None:
-            continue
-        if "labels" in rcfg.routes:
-            decoded[row["image_id"]] = pixels = decode_png(row)
-            bodies[row["image_id"]] = body = body_mask(to_uint8(pixels))
-            result.regions += label_regions(row, img.labels, names, rcfg, body=body)
-        if "boxes" in rcfg.routes:
+        rows, masks, pixels, body = [], [], None, None
+        if img.labels is not None and "labels" in rcfg.routes:
+            pixels = img.pixels if img.pixels is not None else decode_png(row)
+            body = body_mask(to_uint8(pixels))
+            rows = label_regions(row, img.labels, names, rcfg, body=body, masks=masks)
+            result.regions += rows
+        if img.labels is not None and "boxes" in rcfg.routes:
             prompts = label_prompts(row, img.labels, names, rcfg)
             if prompts:
                 result.prompts[row["image_id"]] = prompts
-    return decoded, bodies
+        img.pixels = None
+        clock.mark("regions")
+        if describe:
+            describe_image(row, pixels, rows, cfg.caption_seed, body=body, masks=masks)
+            clock.mark("captions")
 
 
 def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
@@ -237,11 +243,7 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
     images = cut_images(vol, _slicing_for(vol, cfg.slicing))  # 4D: frame cfg.slicing.frame
     result.images = [_image_row(task, vol, img, split) for img in images]
     clock.mark("cut")
-    decoded, bodies = _propose_from_labels(images, result, vol.label_names, cfg.regions)
-    clock.mark("regions")
-    if not {"boxes", "detector"} & set(cfg.regions.routes):  # else the model stage describes
-        describe_all(result.images, result.regions, cfg.caption_seed, decoded, bodies)
-        clock.mark("captions")
+    _regions_and_captions(images, result, vol.label_names, cfg, clock)
     result.series = _series_row(task, vol, label_source, split, len(images))
     for idx, _ in task.image_files:
         result.files.setdefault(idx, ("ingested", "ok", None))

@@ -316,13 +316,16 @@ def region_row(image: dict, label: str, value: int | None, source: str, mask: np
 
 def label_regions(image: dict, label_slice: np.ndarray, names: dict[int, str],
                   cfg: RegionConfig, pixels: np.ndarray | None = None,
-                  body: np.ndarray | None = None) -> list[dict]:
+                  body: np.ndarray | None = None, masks: list | None = None) -> list[dict]:
     """The labels route for one image: exact regions from its (H, W) int label slice.
 
     The midline comes from the body of the stored image (as the caption checker re-derives
     it): ``body`` when the caller has it (:func:`body_mask` of the uint8 pixels), else
-    computed from ``pixels``."""
+    computed from ``pixels``. ``masks``: when given, each row's (H, W) bool mask is appended
+    to it, in row order (what ``decode_rle(row["mask_rle"])`` would give back)."""
     comps = components(label_slice, names, image["pixel_spacing_mm"], cfg)
+    if masks is not None:
+        masks.extend(mask for _, _, mask in comps)
     if not comps:
         return []
     midline = body_midline_x(image["pixel_to_ras"], body, pixels)

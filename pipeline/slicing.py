@@ -134,6 +134,9 @@ class SliceImage:
             nearest; None when the volume has no labels. Shared by the images of one slice.
         window_min, window_max: modality values mapped to 0 and to the top grey level, so a
             pixel v of a b-bit PNG stands for window_min + v / (2**b − 1) · (max − min).
+        pixels: the (height, width) uint8 or uint16 array ``png`` encodes (decoding ``png``
+            gives it back exactly), kept when ``labels`` is set so the labels route and the
+            captions measure it without decoding the PNG again; None otherwise.
     """
 
     plane: str
@@ -148,6 +151,7 @@ class SliceImage:
     labels: np.ndarray | None = None
     window_min: float = 0.0
     window_max: float = 255.0
+    pixels: np.ndarray | None = None
 
 
 def select_slices(has_label: np.ndarray, every_k: int) -> np.ndarray:
@@ -357,23 +361,25 @@ def _cut_slice(values, labels, affine, shape, plane, index, specs, cfg) -> list[
     p2r = plane_geometry(affine, plane, index, shape, scale)
     spacing, thickness = pixel_spacing(p2r), slice_thickness(affine, plane)
     h, w = values.shape
-    return [
-        SliceImage(
+    out = []
+    for spec in specs:
+        pixels = apply_range(values, spec.vmin, spec.vmax, cfg.bits)
+        out.append(SliceImage(
             plane=plane,
             slice_index=index,
             window=spec.name,
             height=h,
             width=w,
-            png=encode_png(apply_range(values, spec.vmin, spec.vmax, cfg.bits)),
+            png=encode_png(pixels),
             pixel_to_ras=p2r,
             pixel_spacing_mm=spacing,
             slice_thickness_mm=thickness,
             labels=lab,
             window_min=float(spec.vmin),
             window_max=float(spec.vmax),
-        )
-        for spec in specs
-    ]
+            pixels=pixels if lab is not None else None,
+        ))
+    return out
 
 
 def cut_images(volume, cfg: SliceConfig | None = None) -> list[SliceImage]:

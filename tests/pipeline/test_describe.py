@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.attributes import derive_attributes, load_vocab
-from pipeline.describe import describe_image
+from pipeline.describe import describe_all, describe_image
+from pipeline.propose import decode_png
 from pipeline.regions import encode_rle
 from pipeline.windows import apply_window
 
@@ -146,3 +147,38 @@ def test_captions_are_seeded_and_varied():
     assert captions(0) == runs[0]
     assert len({run[0] for run in runs.values()}) >= 2  # region r0 phrased differently
     assert any(runs[s] != runs[0] for s in range(1, 6))
+
+
+def test_unit_captions_equal_captions_from_the_stored_rows(tmp_path, deid):
+    """A worker captions with the arrays it has (pixels, region masks, measured centroids);
+    the same captions, negatives and attributes come out of the stored PNG and RLE alone."""
+    import copy
+
+    from pipeline.config import BuildConfig
+    from pipeline.discover import scan_headers, walk
+    from pipeline.ingest import process_unit
+    from pipeline.phantoms import make_phantoms
+    from pipeline.slicing import SliceConfig
+    from pipeline.units import group_units
+
+    make_phantoms(tmp_path / "ph", patients=1, seed=5, matrix=96)
+    cfg = BuildConfig(sources=(tmp_path / "ph",), out=tmp_path / "out",
+                      slicing=SliceConfig(every_k=3))
+    (task, *_) = group_units(scan_headers(walk(cfg.sources, deid)), deid)
+    res = process_unit(task, cfg, deid)
+    assert len(res.regions) > 20 and all(r["caption_region"] for r in res.regions)
+    caption_cols = ("caption_region", "negatives", "negative_kinds", "attributes")
+    images = copy.deepcopy(res.images)
+    regions = [{k: v for k, v in r.items() if k not in caption_cols} for r in res.regions]
+    describe_all(images, regions, cfg.caption_seed)  # decodes every PNG and RLE
+    for mine, stored in zip(res.regions, regions, strict=True):
+        assert {k: mine[k] for k in caption_cols} == {k: stored[k] for k in caption_cols}
+    assert [(i["caption_summary"], i["caption_report"]) for i in res.images] == \
+        [(i["caption_summary"], i["caption_report"]) for i in images]
+    by_image = {}
+    for r in res.regions:
+        by_image.setdefault(r["image_id"], []).append(r)
+    for image in res.images[::4]:  # measured afresh: no row value trusted
+        rows = by_image.get(image["image_id"], [])
+        fresh = derive_attributes(image, decode_png(image), rows, VOCAB)
+        assert fresh == [r["attributes"] for r in rows]

@@ -269,6 +269,23 @@ def test_sixteen_bit_images_from_cut_images():
     assert pix.dtype == np.uint16 and pix.max() > 255
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_kept_pixels_are_what_the_png_decodes_to(bits):
+    """Images of a labelled volume keep the array their PNG encodes (the labels route and
+    the captions measure it instead of decoding the PNG); unlabelled volumes keep none."""
+    rng = np.random.default_rng(3)
+    arr = rng.normal(40, 300, (20, 24, 6)).astype(np.float32)
+    labels = np.zeros(arr.shape, np.int32)
+    labels[5:12, 6:15, 2:4] = 1
+    cfg = SliceConfig(bits=bits, every_k=2, planes=("axial", "coronal"))
+    cut = cut_images(Volume(arr, oblique_affine(), "CT", labels=labels), cfg)
+    assert len(cut) > 4
+    for im in cut:
+        assert im.pixels.dtype == (np.uint8 if bits == 8 else np.uint16)
+        np.testing.assert_array_equal(decode(im.png), im.pixels)
+    assert all(im.pixels is None for im in cut_images(Volume(arr, oblique_affine(), "CT"), cfg))
+
+
 # --- config and volumes -----------------------------------------------------------------------
 
 
