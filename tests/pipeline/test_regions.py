@@ -267,3 +267,22 @@ def test_atlas_sized_label_values_cost_no_memory():
         assert [(v, n) for v, n, _ in got] == [(v, n) for v, n, _ in want]
         assert all((g == w).all() for (_, _, g), (_, _, w) in zip(got, want, strict=True))
         assert values == sorted(ids[v] for v in present_values(small))
+
+
+def test_extent_is_the_tight_window_of_any_mask():
+    """extent (one OpenCV scan) equals the window of the mask's non-zero rows and columns,
+    for empty, single-pixel, full, strided and non-bool masks."""
+    from pipeline.regions import extent
+
+    def by_numpy(m):
+        rows, cols = np.flatnonzero(np.any(m, 1)), np.flatnonzero(np.any(m, 0))
+        return None if rows.size == 0 else (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+
+    rng = np.random.default_rng(4)
+    masks = [np.zeros((7, 9), bool), np.ones((5, 3), bool), np.eye(6, dtype=bool)[::-1]]
+    one = np.zeros((40, 30), bool)
+    one[39, 0] = True
+    masks += [one, one[::2, ::-1], (rng.random((64, 80)) < 0.002).astype(np.uint8)]
+    masks += [rng.random((33, 47)) < p for p in (0.0005, 0.01, 0.3)]
+    for m in masks:
+        assert extent(m) == by_numpy(m), m.shape
