@@ -193,10 +193,14 @@ def assemble(planes: list[Plane], path: object = None, min_slices: int = 1):
     if len(groups) > 1:
         _check_tilt(ipps, normal, path)
         step = _check_spacing(np.array([pos[g[0]] for g in groups]), path)
-    vol = np.stack([np.stack([planes[i].pixels.T for i in g], -1) for g in groups], axis=2)
-    array = vol[..., 0] if vol.shape[-1] == 1 else vol
+    rows, cols = first[0].pixels.shape
+    # one float32 array filled in place: nested np.stack + a dtype copy cost 2 more full copies
+    array = np.empty((cols, rows, len(groups), len(groups[0])), np.float32)
+    for k, g in enumerate(groups):
+        for t, i in enumerate(g):
+            array[:, :, k, t] = planes[i].pixels.T
     rs, cs = first[0].spacing
     affine = np.eye(4)
     affine[:3, 0], affine[:3, 1] = row_dir * cs, col_dir * rs
     affine[:3, 2], affine[:3, 3] = normal * step, ipps[0]
-    return np.ascontiguousarray(array, dtype=np.float32), affine
+    return (array[..., 0] if array.shape[-1] == 1 else array), affine
