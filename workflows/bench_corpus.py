@@ -6,8 +6,11 @@ process tree, time per stage), and in the same run (a) the floor: pydicom decode
 encode of the same slices with nothing else, on the same number of processes, and (b) a plain
 single-process loop doing the same work as the build (the same stage functions, in-process, no
 isolation, one Parquet file), with its CPU time over its wall time (above 1 where OpenCV runs
-threads of its own; ``--plain-cv2-threads 1`` makes it one thread). Prints JSON and markdown
-rows for docs/benchmarks.md.
+threads of its own; ``--plain-cv2-threads 1`` makes it one thread). Both sides time the same
+unit stages (read, labels, cut, regions, captions): ``unit_work_build_over_plain`` is their
+summed seconds in the build's workers over the plain loop's, 1.0 when the machine ran as fast
+in both windows (plus the build's few % of preemption by Ray's processes). Prints JSON and
+markdown rows for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -30,6 +34,7 @@ import numpy as np
 import psutil
 import pydicom
 
+UNIT_STAGES = ("read", "labels", "cut", "regions", "captions")  # process_unit's own stages
 REGIONS_PER_PATIENT = 210  # with --every-k 1 on the default phantoms (measured: 207-213, see docs)
 
 
@@ -63,9 +68,10 @@ def unit_tasks(src: Path, out: Path):
 
 
 def plain_loop(src: Path, out: Path, cv2_threads: int | None = None
-               ) -> tuple[int, int, float, float]:
+               ) -> tuple[int, int, float, float, dict]:
     """The same work as build-corpus (discover, units, regions, captions), one process →
-    (images, regions, wall s, CPU s of this process: OpenCV's own threads included).
+    (images, regions, wall s, CPU s of this process: OpenCV's own threads included, seconds
+    per unit stage summed as the build's manifest sums them).
     ``cv2_threads``: OpenCV's thread count for the loop (None: OpenCV's default)."""
     import resource
 
@@ -82,18 +88,19 @@ def plain_loop(src: Path, out: Path, cv2_threads: int | None = None
         cv2.setNumThreads(cv2_threads)
     t, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     cfg, deid, tasks = unit_tasks(src, out)
-    images, regions = [], []
+    images, regions, stage_s = [], [], Counter()
     for task in tasks:
         res = process_unit(task, cfg, deid)
         images += res.images
         regions += res.regions
+        stage_s.update(res.stage_s)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(images, IMAGES_SCHEMA), out / "images.parquet")
     pq.write_table(pa.Table.from_pylist(regions, REGIONS_SCHEMA), out / "regions.parquet")
     wall, end = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
     cv2.setNumThreads(threads)
     cpu = end.ru_utime + end.ru_stime - ru.ru_utime - ru.ru_stime
-    return len(images), len(regions), wall, cpu
+    return len(images), len(regions), wall, cpu, {k: round(v, 3) for k, v in stage_s.items()}
 
 
 def build(src: Path, out: Path, workers: int, executor: str) -> dict:
@@ -128,10 +135,14 @@ def run_size(target: int, workers: int, executor: str, work: Path, plain: bool =
         shutil.rmtree(old, ignore_errors=True)  # a kept corpus would only be resumed
     n_floor, t_floor = floor(src, workers)
     b = build(src, work / f"corpus{patients}", workers, executor)
-    n_img, n_reg, t_plain, cpu_plain = (plain_loop(src, work / f"plain{patients}", plain_threads)
-                                        if plain else (0, 0, 0.0, 0.0))
+    n_img, n_reg, t_plain, cpu_plain, plain_stage = (
+        plain_loop(src, work / f"plain{patients}", plain_threads) if plain
+        else (0, 0, 0.0, 0.0, {}))
     images = b["rows"]["images"]
     ratio = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
+    # the same stage functions on both sides: their summed seconds compare the machine's speed
+    # in the build's window with its speed in the plain loop's (a shared VM drifts)
+    unit_s = lambda st: sum(v for k, v in st.items() if k in UNIT_STAGES)  # noqa: E731
     return {
         "target_regions": target, "patients": patients, "regions": b["rows"]["regions"],
         "images": images, "build_wall_s": round(b["wall_s"], 1),
@@ -146,6 +157,8 @@ def run_size(target: int, workers: int, executor: str, work: Path, plain: bool =
         "build_over_plain": ratio(images / b["wall_s"], ratio(n_img, t_plain)),
         "cpu_s_per_region_plain": ratio(t_plain, n_reg),
         "plain_cpu_over_wall": ratio(cpu_plain, t_plain),  # > 1: OpenCV's threads
+        "plain_stage_s": plain_stage,
+        "unit_work_build_over_plain": ratio(unit_s(b["worker_stage_s"]), unit_s(plain_stage)),
     }
 
 
