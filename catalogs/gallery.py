@@ -30,7 +30,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import polars as pl
 from pycocotools import mask as mask_utils
 
 from .corpus import Corpus, CorpusError
@@ -241,6 +240,57 @@ def _prepare(out: Path) -> None:
     (out / MARKER).write_text('{"status": "writing"}\n')  # a crashed run can be redone here
 
 
+def _gallery_rows(corpus: Corpus, where: str | None, limit: int | None,
+                  seed: int) -> list[dict]:
+    """The card rows (``CARD_COLUMNS`` present in the corpus) matching ``where``, in card order."""
+    if limit is not None:
+        df = corpus.sample(limit, seed=seed, where=where)
+    else:
+        df = (corpus.filter(where) if where else corpus.regions_with_images()).collect()
+    cols = [c for c in CARD_COLUMNS if c in df.columns]
+    df = df.select(cols).sort([k for k in SORT_KEYS if k in cols], nulls_last=True)
+    return df.to_dicts()
+
+
+def _header(corpus: Corpus, rows: list[dict], title: str, where: str | None, limit: int | None,
+            seed: int, page_size: int) -> str:
+    """The first page's header HTML: title, corpus, counts, filter and label legend."""
+    labels = sorted({r.get("label") or "" for r in rows})
+    legend = "".join(
+        f'<span><i style="background:rgb{label_color(lb)[::-1]}"></i>{_e(lb or "(none)")}</span>'
+        for lb in labels)
+    return (f"<header><h1>{_e(title)}</h1><p class=\"meta\">corpus {_e(corpus.root.name)} · "
+            f"{len(rows)} regions" + (f" (sample of {limit}, seed {seed})" if limit else "")
+            + (f" · where <code>{_e(where)}</code>" if where else "")
+            + f" · {page_size} per page</p><p class=\"legend\">{legend}</p></header>")
+
+
+def _next_pass(pages: list[list[dict]], start: int, images_per_pass: int) -> tuple[int, set]:
+    """(end page, image ids) of the pass from page ``start``: at most ``images_per_pass`` ids."""
+    stop, ids = start, set()
+    while stop < len(pages) and (not ids or len(ids | {r["image_id"] for r in pages[stop]})
+                                 <= images_per_pass):
+        ids |= {r["image_id"] for r in pages[stop]}
+        stop += 1
+    return stop, ids
+
+
+def _write_page(out: Path, k: int, pages: list[list[dict]], pngs: dict[str, bytes], header: str,
+                title: str, thumb_size: int, workers: int) -> None:
+    """None; writes page ``k`` (0-based) and its thumbnails from the pass's ``pngs``."""
+    for r in pages[k]:
+        if r["image_id"] not in pngs:
+            raise CorpusError(f"region {r['region_id']}: image {r['image_id']} "
+                              "not in the images table")
+    draw = partial(_thumb_card, pngs=pngs, out=out, size=thumb_size)
+    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL
+        cards = list(pool.map(draw, pages[k]))
+    if not cards:
+        cards = ['<p class="meta">No regions match.</p>']
+    (out / _page_name(k + 1)).write_text(
+        _page(k + 1, len(pages), cards, header if k == 0 else "", title), encoding="utf-8")
+
+
 def write_gallery(corpus: Corpus, out: str | Path, where: str | None = None,
                   page_size: int = 48, limit: int | None = None, seed: int = 0,
                   thumb_size: int = THUMB_SIZE, title: str = "Region gallery",
@@ -255,47 +305,17 @@ def write_gallery(corpus: Corpus, out: str | Path, where: str | None = None,
     if page_size < 1:
         raise CorpusError(f"page size must be >= 1, got {page_size}")
     out = Path(out)
-    if limit is not None:
-        df = corpus.sample(limit, seed=seed, where=where)
-    else:
-        df = (corpus.filter(where) if where else corpus.regions_with_images()).collect()
-    cols = [c for c in CARD_COLUMNS if c in df.columns]
-    df = df.select(cols).sort([k for k in SORT_KEYS if k in cols], nulls_last=True)
-    rows = df.to_dicts()
+    rows = _gallery_rows(corpus, where, limit, seed)
     n_pages = max(1, math.ceil(len(rows) / page_size))
     _prepare(out)
-
-    labels = sorted({r.get("label") or "" for r in rows})
-    legend = "".join(
-        f'<span><i style="background:rgb{label_color(lb)[::-1]}"></i>{_e(lb or "(none)")}</span>'
-        for lb in labels)
-    header = (f"<header><h1>{_e(title)}</h1><p class=\"meta\">corpus {_e(corpus.root.name)} · "
-              f"{len(rows)} regions" + (f" (sample of {limit}, seed {seed})" if limit else "")
-              + (f" · where <code>{_e(where)}</code>" if where else "")
-              + f" · {page_size} per page</p><p class=\"legend\">{legend}</p></header>")
-
+    header = _header(corpus, rows, title, where, limit, seed, page_size)
     pages = [rows[k * page_size:(k + 1) * page_size] for k in range(n_pages)]
     start = 0
     while start < n_pages:  # group pages into passes over the images files
-        stop, ids = start, set()
-        while stop < n_pages and (not ids or len(ids | {r["image_id"] for r in pages[stop]})
-                                  <= images_per_pass):
-            ids |= {r["image_id"] for r in pages[stop]}
-            stop += 1
+        stop, ids = _next_pass(pages, start, images_per_pass)
         pngs = {row["image_id"]: png for row, png in corpus.iter_image_bytes(ids=ids)}
         for k in range(start, stop):
-            for r in pages[k]:
-                if r["image_id"] not in pngs:
-                    raise CorpusError(f"region {r['region_id']}: image {r['image_id']} "
-                                      "not in the images table")
-
-            draw = partial(_thumb_card, pngs=pngs, out=out, size=thumb_size)
-            with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL
-                cards = list(pool.map(draw, pages[k]))
-            if not cards:
-                cards = ['<p class="meta">No regions match.</p>']
-            (out / _page_name(k + 1)).write_text(
-                _page(k + 1, n_pages, cards, header if k == 0 else "", title), encoding="utf-8")
+            _write_page(out, k, pages, pngs, header, title, thumb_size, workers)
         start = stop
     (out / MARKER).write_text(json.dumps(
         {"where": where, "limit": limit, "seed": seed, "page_size": page_size,
@@ -304,8 +324,3 @@ def write_gallery(corpus: Corpus, out: str | Path, where: str | None = None,
     return out / "index.html"
 
 
-def gallery_frame(corpus: Corpus, where: str | None = None) -> pl.DataFrame:
-    """The rows a gallery would show (no pixels), in card order — handy in notebooks."""
-    lf = corpus.filter(where) if where else corpus.regions_with_images()
-    cols = [c for c in CARD_COLUMNS if c in lf.collect_schema().names()]
-    return lf.select(cols).sort([k for k in SORT_KEYS if k in cols], nulls_last=True).collect()

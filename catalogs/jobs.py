@@ -229,8 +229,6 @@ def _next_compact_index(c: Corpus) -> int:
     return max(used) + 1
 
 
-
-
 def _key_counts(paths: Sequence[Path], key: str) -> Counter:
     out: Counter = Counter()
     for p in paths:
@@ -336,6 +334,23 @@ def compact(corpus: Corpus | str | Path, target_bytes: int = 256 << 20, min_grou
     if dry_run or not groups:
         return report
 
+    merged = _merge_groups(c, names, scheduler)
+    manifest = _compacted_manifest(c, names, merged, report["rows"])
+    write_manifest(c.root, manifest)
+    check = _reopen_checked(c, report["rows"])
+    for new, group in names.items():  # markers for build-corpus: see compact_marker
+        atomic_write_bytes(c.root / "_commits" / f"{new}.json", json.dumps(
+            compact_marker(c.root, new, group, manifest["shards"][new]["tables"]),
+            indent=1, sort_keys=True).encode())
+    if remove_replaced:
+        _remove_replaced(c, names)
+    report["files_after"] = sum(len(check.files(t)) for t in TABLES)
+    return report
+
+
+def _merge_groups(c: Corpus, names: dict[str, list[str]],
+                  scheduler) -> list[tuple[tuple[str, str], dict]]:
+    """((compact shard, table), manifest entry) per merged file, written by one dask task each."""
     shards = c.manifest["shards"]
     tasks, keys = [], []
     for new, group in names.items():
@@ -347,44 +362,50 @@ def compact(corpus: Corpus | str | Path, target_bytes: int = 256 << 20, min_grou
                     sum(i["rows"] for i in infos)))
                 keys.append((new, table))
     written = dask.compute(*tasks, scheduler=scheduler)
+    return list(zip(keys, written, strict=True))
 
+
+def _compacted_manifest(c: Corpus, names: dict[str, list[str]],
+                        merged: list[tuple[tuple[str, str], dict]], rows: dict) -> dict:
+    """The new manifest (replaced shards out, compact shards in), checked to keep ``rows``."""
     manifest = json.loads(json.dumps(c.manifest))
     for group in names.values():
         for s in group:
             del manifest["shards"][s]
-    for (new, table), info in zip(keys, written, strict=True):
+    for (new, table), info in merged:
         entry = manifest["shards"].setdefault(new, {"shard": new, "tables": {},
                                                     "replaces": names[new]})
         entry["tables"][table] = info
     manifest["shards"] = dict(sorted(manifest["shards"].items()))
     new_rows = {t: sum(s.get("tables", {}).get(t, {}).get("rows", 0)
                        for s in manifest["shards"].values()) for t in TABLES}
-    if new_rows != report["rows"]:
-        raise CorpusError(f"compaction: row totals would change {report['rows']} → {new_rows}; "
+    if new_rows != rows:
+        raise CorpusError(f"compaction: row totals would change {rows} → {new_rows}; "
                           "manifest left as it was")
     manifest.setdefault("compactions", []).append(names)
-    write_manifest(c.root, manifest)
+    return manifest
 
+
+def _reopen_checked(c: Corpus, rows: dict) -> Corpus:
+    """The corpus re-opened on its new manifest; restores ``c``'s manifest if counts differ."""
     check = Corpus.open(c.root)
     counts = {t: check.count(t) for t in TABLES}
-    if counts != report["rows"]:  # should be impossible after the per-file checks
+    if counts != rows:  # should be impossible after the per-file checks
         write_manifest(c.root, c.manifest)
-        raise CorpusError(f"compaction: re-read counts {counts} != {report['rows']}; "
+        raise CorpusError(f"compaction: re-read counts {counts} != {rows}; "
                           "old manifest restored")
+    return check
 
-    for new, group in names.items():  # markers for build-corpus: see compact_marker
-        atomic_write_bytes(c.root / "_commits" / f"{new}.json", json.dumps(
-            compact_marker(c.root, new, group, manifest["shards"][new]["tables"]),
-            indent=1, sort_keys=True).encode())
-    if remove_replaced:
-        replaced_dir = c.root / "_commits" / "replaced"
-        for group in names.values():
-            for s in group:
-                for info in shards[s]["tables"].values():
-                    (c.root / info["file"]).unlink(missing_ok=True)
-                marker = c.root / "_commits" / f"{s}.json"
-                if marker.exists():
-                    replaced_dir.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(marker), replaced_dir / marker.name)
-    report["files_after"] = sum(len(check.files(t)) for t in TABLES)
-    return report
+
+def _remove_replaced(c: Corpus, names: dict[str, list[str]]) -> None:
+    """None; deletes the replaced shards' files, moves their markers to ``_commits/replaced/``."""
+    shards = c.manifest["shards"]
+    replaced_dir = c.root / "_commits" / "replaced"
+    for group in names.values():
+        for s in group:
+            for info in shards[s]["tables"].values():
+                (c.root / info["file"]).unlink(missing_ok=True)
+            marker = c.root / "_commits" / f"{s}.json"
+            if marker.exists():
+                replaced_dir.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(marker), replaced_dir / marker.name)

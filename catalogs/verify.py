@@ -254,7 +254,7 @@ def hash_bytes_only(corpus: Corpus) -> pl.DataFrame:
 
 def verify_captions(corpus: Corpus, **kwargs) -> dict:
     """Re-derive every checkable caption attribute from the stored corpus and report agreement
-    (see catalogs.captions.verify_captions)."""
-    from catalogs.captions import verify_captions as check
+    (see pipeline.captions.check.verify_captions)."""
+    from pipeline.captions.check import verify_captions as check
 
     return check(corpus.root, **kwargs)

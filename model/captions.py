@@ -90,7 +90,7 @@ def prompter(version: str | None):
     vocab = None
     if version:
         try:
-            from pipeline.attributes import load_vocab
+            from pipeline.captions.attributes import load_vocab
 
             vocab = load_vocab(version)
         except (ImportError, OSError, ValueError):

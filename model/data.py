@@ -45,7 +45,7 @@ REGION_CAPTIONS = ["caption_region", "negatives", "negative_kinds"]
 
 
 @dataclass
-class Corpus:
+class CorpusIndex:
     """Shard files of a corpus and what the training needs to know about them."""
 
     root: Path
@@ -58,7 +58,7 @@ class Corpus:
     caption_version: str | None = None  # vocabulary of the stored captions (None: fallback)
 
     @classmethod
-    def open(cls, root: Path) -> Corpus:
+    def open(cls, root: Path) -> CorpusIndex:
         root = Path(root)
         names = sorted(p.name for p in (root / "images").glob("shard-*.parquet"))
         names = [n for n in names if (root / "regions" / n).exists()]
@@ -114,7 +114,7 @@ def reader_ids(world: int, rank: int, workers: int, worker: int, rotate: int) ->
 class RegionCorpus(IterableDataset):
     """Samples (dicts of numpy arrays and strings) of one split, see the module docstring."""
 
-    def __init__(self, corpus: Corpus, split: str, cfg: DataConfig, image_size: int,
+    def __init__(self, corpus: CorpusIndex, split: str, cfg: DataConfig, image_size: int,
                  points: int = 2, seed: int = 0, train: bool = True, rank: int = 0,
                  world: int = 1, start: dict[int, DataState] | None = None, rotate: int = 0):
         self.corpus, self.split, self.cfg, self.size = corpus, split, cfg, image_size

@@ -37,7 +37,7 @@ from model import metrics
 from model.checkpoint import load_run
 from model.clip import RegionCLIP, flat_regions
 from model.collate import Collate, to_device
-from model.data import Corpus, RegionCorpus
+from model.data import CorpusIndex, RegionCorpus
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def embed_texts(model: RegionCLIP, tok, texts: list[str], max_len: int, device,
 
 
 @torch.no_grad()
-def embed_split(model: RegionCLIP, tok, corpus: Corpus, split: str, device,
+def embed_split(model: RegionCLIP, tok, corpus: CorpusIndex, split: str, device,
                 batch: int = 32) -> dict:
     """Image and region embeddings of a split with their metadata."""
     cfg = model.cfg
@@ -96,7 +96,7 @@ def _prompt_matrix(model, tok, groups: list[list[str]], max_len: int, device) ->
     return np.stack(out)
 
 
-def zero_shot(model, tok, corpus: Corpus, e: dict, device) -> dict:
+def zero_shot(model, tok, corpus: CorpusIndex, e: dict, device) -> dict:
     ml = model.cfg.text.max_len
     labels = corpus.labels
     groups = [cap.label_prompts(lab, corpus.sides.get(lab, []), corpus.prompt) for lab in labels]
@@ -144,7 +144,7 @@ def retrieval(model, tok, e: dict, device) -> dict:
     return out
 
 
-def evaluate_run(run: Path, corpus: Corpus, device="cpu", split: str = "test") -> tuple[str, dict]:
+def evaluate_run(run: Path, corpus: CorpusIndex, device="cpu", split: str = "test") -> tuple[str, dict]:
     """(``region_aware`` | ``global_only``, metrics) of one run folder."""
     model, tok, cfg = load_run(run, device)
     e = embed_split(model, tok, corpus, split, device)

@@ -42,7 +42,7 @@ from model.checkpoint import (
 from model.clip import build_model
 from model.collate import Collate, to_device
 from model.config import RunConfig, load_preset, scale_stages
-from model.data import Corpus, RegionCorpus, states_from_batch
+from model.data import CorpusIndex, RegionCorpus, states_from_batch
 from model.loss import RegionClipLoss
 from model.text_tower import load_tokenizer, train_tokenizer
 from model.trainlog import TrainLog
@@ -138,7 +138,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_tokenizer(corpus: Corpus, cfg: RunConfig, run: Path, rank: int):
+def build_tokenizer(corpus: CorpusIndex, cfg: RunConfig, run: Path, rank: int):
     """Run tokenizer: pretrained text folder's own, else WordPiece trained on train captions."""
     folder = run / "tokenizer"
     if rank == 0 and not (folder / "tokenizer.json").exists():
@@ -168,7 +168,7 @@ def caption_texts(ds: RegionCorpus):
             yield from (r.get("negatives") or [])
 
 
-def make_loader(corpus: Corpus, cfg: RunConfig, tok, rank: int, world: int, start, rotate: int):
+def make_loader(corpus: CorpusIndex, cfg: RunConfig, tok, rank: int, world: int, start, rotate: int):
     ds = RegionCorpus(corpus, "train", cfg.data, cfg.image.image_size,
                       points=cfg.prompt.points_per_region, seed=cfg.train.seed, train=True,
                       rank=rank, world=world, start=start, rotate=rotate)
@@ -180,10 +180,8 @@ def make_loader(corpus: Corpus, cfg: RunConfig, tok, rank: int, world: int, star
                       generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
-def train(opts: TrainOptions) -> dict:
-    # -- config, process group, seeds ------------------------------------------------------------
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rank, world, device = setup_distributed(opts.device)
+def _run_setup(opts: TrainOptions, rank: int) -> tuple[RunConfig, dict | None, bool]:
+    """(config, checkpoint or None, resuming?) of the run; seeds set, config.json written."""
     resume = opts.resume and ckpt_path(opts.out).exists()
     ckpt = load_checkpoint(opts.out) if resume else None
     cfg = RunConfig.from_dict(ckpt["config"]) if ckpt else run_config(opts)
@@ -194,14 +192,13 @@ def train(opts: TrainOptions) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (opts.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    return cfg, ckpt, resume
 
-    # -- data, tokenizer ---------------------------------------------------------------------------
-    corpus = Corpus.open(opts.corpus)
-    tok = build_tokenizer(corpus, cfg, opts.out, rank)
-    states, rotate = data_states(ckpt, rank) if ckpt else ({}, 0)
 
-    # -- model, optimizer ---------------------------------------------------------------------------
-    model = build_model(cfg, len(tok)).to(device)
+def _model_and_optimizer(cfg: RunConfig, vocab: int, device: torch.device,
+                         ckpt: dict | None) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
+    """(model, AdamW, first step), restored from ``ckpt`` (with the RNG state) when given."""
+    model = build_model(cfg, vocab).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=cfg.train.betas, fused=device.type == "cuda")
     step = 0
@@ -210,7 +207,18 @@ def train(opts: TrainOptions) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         set_rng_state(ckpt["rng"])
-    core = model
+    return model, opt, step
+
+
+def train(opts: TrainOptions) -> dict:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank, world, device = setup_distributed(opts.device)
+    cfg, ckpt, resume = _run_setup(opts, rank)
+    corpus = CorpusIndex.open(opts.corpus)
+    tok = build_tokenizer(corpus, cfg, opts.out, rank)
+    states, rotate = data_states(ckpt, rank) if ckpt else ({}, 0)
+    core, opt, step = _model_and_optimizer(cfg, len(tok), device, ckpt)
+    model = core
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=True)
@@ -220,7 +228,6 @@ def train(opts: TrainOptions) -> dict:
     batches = iter(loader)
     log = TrainLog(opts.out, rank, resume_step=step if resume else None)
 
-    # -- loop -----------------------------------------------------------------------------------------
     total = cfg.train.total_steps
     consumed, t0, seen = 0, time.perf_counter(), 0
     sums: dict[str, float] = {}

@@ -11,10 +11,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .regions import RegionConfig
-from .slicing import SliceConfig
-from .volumes import ReadConfig
-from .write import file_sha256
+from pipeline.images.slicing import SliceConfig
+from pipeline.ingest.read import ReadConfig
+from pipeline.roi.regions import RegionConfig
+from pipeline.write import file_sha256
 
 PIPELINE_VERSION = "0.1.0"
 
@@ -52,7 +52,7 @@ class BuildConfig:
     sources: tuple[Path, ...]  # source roots (folders or files)
     out: Path  # corpus directory
     key_file: Path | None = None  # de-identification key file (else $REGIONCORPUS_KEY / default)
-    collections: tuple[tuple[str, Path], ...] = ()  # (layout name, root): catalogs/sources
+    collections: tuple[tuple[str, Path], ...] = ()  # (layout name, root): pipeline/ingest/collections
     read: ReadConfig = field(default_factory=ReadConfig)
     slicing: SliceConfig = field(default_factory=SliceConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -65,7 +65,7 @@ class BuildConfig:
         if not self.sources and not self.collections:
             raise ValueError("SOURCE: give at least one source folder (or --collection)")
         if self.collections:
-            from catalogs.sources import load_sources
+            from pipeline.ingest.collections import load_sources
 
             known = load_sources()
             for name, root in self.collections:

@@ -2,7 +2,7 @@
 
 ``IngestError`` carries a machine-readable ``reason`` code (it becomes the ``reason`` column of
 the ``files`` table) and a human ``problem`` text. ``str(err)`` names the file and the problem so
-that a user calling :func:`pipeline.volumes.read_volume` directly sees which file failed; the
+that a user calling :func:`pipeline.ingest.read.read_volume` directly sees which file failed; the
 pipeline itself never writes ``str(err)`` anywhere: it records ``reason`` and ``problem`` next to
 the keyed hash of the path, because a path may carry PHI (folder names are often patient names).
 """

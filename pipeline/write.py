@@ -1,10 +1,12 @@
-"""Table schemas and exactly-once shard commits.
+"""The corpus format: table schemas, exactly-once shard commits, the manifest, committed rows.
 
 Every table is written against one schema constant below (tests import them). A shard k is
 committed by writing each table file to a temporary name, fsync, rename to
 ``DIR/<table>/shard-XXXXX.parquet``, and writing ``DIR/_commits/shard-XXXXX.json`` last (row
-counts and sha256 of every file). ``manifest.json`` is rewritten atomically after each commit
-and lists only committed shards. A shard with no marker is not committed and is redone.
+counts and sha256 of every file). ``manifest.json`` is rewritten atomically by the build (at
+most every few seconds while shards commit, and once at the end; see
+``pipeline.run.build``) and lists only committed shards. A shard with no marker is not
+committed and is redone. :func:`read_table` reads the committed rows of one table.
 """
 
 from __future__ import annotations
@@ -243,3 +245,19 @@ def remove_stale_temporaries(out: Path) -> int:
         path.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def read_table(corpus: Path, table: str, columns: list[str] | None = None) -> list[dict]:
+    """Rows of ``corpus/<table>`` (committed shards only when the corpus has commit markers)."""
+    if (corpus / "_commits").is_dir():
+        files = sorted(corpus / info["tables"][table]["file"]
+                       for info in committed_shards(corpus)[0].values() if table in info["tables"])
+    else:
+        files = sorted((corpus / table).glob("*.parquet"))
+    if not files:
+        return []
+    tables = [pq.read_table(f) for f in files]
+    data = pa.concat_tables(tables, promote_options="default")
+    if columns is not None:
+        data = data.select([c for c in columns if c in data.column_names])
+    return data.to_pylist()

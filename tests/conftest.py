@@ -13,6 +13,6 @@ os.environ.setdefault("REGIONCORPUS_EXECUTOR", "local")
 
 @pytest.fixture
 def deid():
-    from pipeline.deid import Deidentifier
+    from pipeline.ingest.deid import Deidentifier
 
     return Deidentifier(b"test-key-not-secret-0123456789")

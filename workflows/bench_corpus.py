@@ -57,10 +57,10 @@ def unit_tasks(src: Path, out: Path):
     """(config, key, units) of a build of ``src`` cutting every slice, discovered in this
     process (walk, header scan, grouping): the plain loop's and bench_units' way in."""
     from pipeline.config import BuildConfig
-    from pipeline.deid import Deidentifier
-    from pipeline.discover import scan_headers, walk
-    from pipeline.slicing import SliceConfig
-    from pipeline.units import group_units
+    from pipeline.images.slicing import SliceConfig
+    from pipeline.ingest.deid import Deidentifier
+    from pipeline.ingest.discover import scan_headers, walk
+    from pipeline.ingest.units import group_units
 
     cfg = BuildConfig(sources=(src,), out=out, slicing=SliceConfig(every_k=1))
     deid = Deidentifier.from_env()
@@ -78,8 +78,8 @@ def plain_loop(src: Path, out: Path, cv2_threads: int | None = None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.build import quiet_libraries
-    from pipeline.ingest import process_unit
+    from pipeline.run.build import quiet_libraries
+    from pipeline.run.unit import process_unit
     from pipeline.write import IMAGES_SCHEMA, REGIONS_SCHEMA
 
     quiet_libraries()
@@ -125,7 +125,7 @@ def build(src: Path, out: Path, workers: int, executor: str) -> dict:
 
 def run_size(target: int, workers: int, executor: str, work: Path, plain: bool = True,
              plain_threads: int | None = None) -> dict:
-    from pipeline.phantoms import make_phantoms
+    from pipeline.phantoms.studies import make_phantoms
 
     patients = max(1, math.ceil(target / REGIONS_PER_PATIENT))
     src = work / f"ph{patients}"

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pydicom
 
-from pipeline.phantoms import make_phantoms
+from pipeline.phantoms.studies import make_phantoms
 from workflows import build_corpus
 
 

@@ -1,7 +1,7 @@
 """python -m workflows.bench_segment [--patients 6] [--out docs-snippet.md] → box-prompt Dice + CPU timings.
 
 Dice of box-prompted masks against label masks for LiteMedSAM and the Otsu baseline
-(:mod:`pipeline.segment`) on
+(:mod:`pipeline.roi.segment`) on
 
 (a) held-out phantom CT slices: ``make_phantoms`` into a temp dir, each series read with
     ``read_volume``, its ``CT_n_seg.nii.gz`` with ``read_nifti_labels``, cut with ``cut_images``
@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pipeline.deid import Deidentifier
-from pipeline.labels import label_names_from_json, read_nifti_labels
-from pipeline.phantom_anatomy import LESION_HOSTS
-from pipeline.phantoms import make_phantoms
-from pipeline.segment import Segmenter, build_segmenter, mask_to_box
-from pipeline.slicing import SliceConfig, cut_images
-from pipeline.volume import Volume
-from pipeline.volumes import read_volume
+from pipeline.images.slicing import SliceConfig, cut_images
+from pipeline.ingest.deid import Deidentifier
+from pipeline.ingest.read import read_volume
+from pipeline.ingest.volume import Volume
+from pipeline.labels.nifti import label_names_from_json, read_nifti_labels
+from pipeline.phantoms.anatomy import LESION_HOSTS
+from pipeline.phantoms.studies import make_phantoms
+from pipeline.roi.segment import Segmenter, build_segmenter, mask_to_box
 
 MNI_NAMES = {1: "gm", 2: "wm"}
 # Pseudonyms are irrelevant here; a fixed key keeps read_volume from creating a key file.

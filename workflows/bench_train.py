@@ -30,11 +30,11 @@ import torch  # noqa: E402
 
 def _batches(corpus_dir: Path, cfg, n: int, tmp: Path):
     from model.collate import Collate
-    from model.data import Corpus, RegionCorpus
+    from model.data import CorpusIndex, RegionCorpus
     from model.text_tower import load_tokenizer, train_tokenizer
     from model.train import caption_texts
 
-    corpus = Corpus.open(corpus_dir)
+    corpus = CorpusIndex.open(corpus_dir)
     ds = RegionCorpus(corpus, "train", cfg.data, cfg.image.image_size,
                       points=cfg.prompt.points_per_region, train=True)
     tok = load_tokenizer(train_tokenizer(caption_texts(
@@ -82,12 +82,12 @@ def loader_rate(corpus_dir: Path, cfg, tok, workers: int, batches: int = 12) -> 
     masks, tokenisation, collation) with ``workers`` worker processes and no model at all."""
     import copy
 
-    from model.data import Corpus
+    from model.data import CorpusIndex
     from model.train import make_loader
 
     cfg = copy.deepcopy(cfg)
     cfg.data.workers = workers
-    it = iter(make_loader(Corpus.open(corpus_dir), cfg, tok, 0, 1, {}, 0))
+    it = iter(make_loader(CorpusIndex.open(corpus_dir), cfg, tok, 0, 1, {}, 0))
     for _ in range(2):  # worker start-up and first reads
         next(it)
     t = time.perf_counter()

@@ -26,13 +26,13 @@ import cv2
 
 
 def run(patients: int, matrix: int, units: int, rounds: int, work: Path) -> dict:
-    from pipeline.build import quiet_libraries
-    from pipeline.ingest import process_unit
-    from pipeline.phantoms import make_phantoms
+    from pipeline.phantoms.studies import make_phantoms
+    from pipeline.run.build import quiet_libraries
+    from pipeline.run.unit import process_unit
     from workflows.bench_corpus import unit_tasks
 
     quiet_libraries()
-    cv2.setNumThreads(1)  # as in the build's workers (pipeline.execute.one_thread_per_worker)
+    cv2.setNumThreads(1)  # as in the build's workers (pipeline.run.execute.one_thread_per_worker)
     src = work / f"phantoms_{patients}_{matrix}"
     if not src.exists():
         make_phantoms(src, patients=patients, seed=0, matrix=matrix)

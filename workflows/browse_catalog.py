@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from catalogs.corpus import Corpus, CorpusError, parse_where
+from workflows.usage import UsageError, run_command
 
 SAMPLE_COLUMNS = ("region_id", "label", "laterality", "split", "modality", "plane",
                   "slice_index", "area_mm2", "max_diameter_mm", "source", "score",
@@ -63,108 +65,175 @@ def _counts_frame(counts: dict, key: str) -> pl.DataFrame:
                         schema={key: pl.String, "n": pl.Int64})
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.page_size < 1:
-        print(f"browse-catalog: error: --page-size must be >= 1, got {args.page_size}",
-              file=sys.stderr)
-        return 2
-    if args.limit is not None and args.limit < 0:
-        print(f"browse-catalog: error: --limit must be >= 0, got {args.limit}", file=sys.stderr)
-        return 2
+@dataclass(frozen=True)
+class BrowseConfig:
+    """What to print, check and write about one corpus (validated by :meth:`validate`)."""
+
+    dir: Path  # corpus directory (has manifest.json)
+    where: str | None = None  # SQL condition on regions + image columns; None: all regions
+    html: Path | None = None  # write the HTML gallery to this folder
+    page_size: int = 48  # gallery cards per page, >= 1
+    limit: int | None = None  # at most this many sampled regions; None: 10 printed, all in HTML
+    seed: int = 0  # sampling seed
+    check_leakage: bool = False  # patients or identical images in more than one split → exit 1
+    near_duplicates: bool = False  # list near-duplicate image pairs (perceptual hash)
+    max_distance: int = 4  # Hamming distance (bits, 0..64) for near_duplicates
+    verify_captions: bool = False  # re-derive caption facts; disagreement → exit 1
+    as_json: bool = False  # print the summary as JSON instead of tables
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad flag and its value (the corpus itself and
+        --where are checked when it is opened, by :func:`open_corpus`)."""
+        if self.page_size < 1:
+            raise ValueError(f"--page-size {self.page_size}: must be >= 1")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"--limit {self.limit}: must be >= 0")
+        if not 0 <= self.max_distance <= 64:
+            raise ValueError(f"--max-distance {self.max_distance}: must be between 0 and 64")
+        if self.html is not None and self.html.exists() and not self.html.is_dir():
+            raise ValueError(f"--html {self.html}: exists and is not a folder")
+        if not self.dir.is_dir():
+            raise ValueError(f"DIR {self.dir}: not a directory")
+        if not (self.dir / "manifest.json").is_file():
+            raise ValueError(f"DIR {self.dir}: no manifest.json (not a corpus written by "
+                             "build-corpus, or the build has not committed a shard yet)")
+
+
+def config_from_args(args: argparse.Namespace) -> BrowseConfig:
+    """Map parsed flags to the typed config (the only place that sees the namespace)."""
+    return BrowseConfig(dir=args.dir, where=args.where, html=args.html,
+                        page_size=args.page_size, limit=args.limit, seed=args.seed,
+                        check_leakage=args.check_leakage, near_duplicates=args.near_duplicates,
+                        max_distance=args.max_distance, verify_captions=args.verify_captions,
+                        as_json=args.json)
+
+
+def open_corpus(cfg: BrowseConfig) -> Corpus:
+    """Open DIR and resolve --where against its columns; :class:`UsageError` naming the flag
+    when either is bad (what the manifest lists stays out of the message)."""
     try:
-        corpus = Corpus.open(args.dir)
-    except CorpusError as e:
-        print(f"browse-catalog: error: DIR: {e}", file=sys.stderr)
-        return 2
-    if args.where is not None:
+        corpus = Corpus.open(cfg.dir)
+    except CorpusError:
+        raise UsageError(f"DIR {cfg.dir}: not a readable corpus (manifest.json unreadable, or "
+                         "a file it lists is missing)") from None
+    if cfg.where is not None:
         try:
-            parse_where(args.where, corpus.regions_with_images())
+            parse_where(cfg.where, corpus.regions_with_images())
         except CorpusError as e:
-            print(f"browse-catalog: error: --where: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--where: {e}") from None
+    return corpus
+
+
+def browse(cfg: BrowseConfig) -> int:
+    """Print the summary and sample, run the requested checks, write the gallery. Exit status
+    0, or 1 when a check (--check-leakage, --verify-captions) finds a problem."""
+    corpus = open_corpus(cfg)
     try:
-        return _run(corpus, args)
-    except CorpusError as e:
-        print(f"browse-catalog: error: {e}", file=sys.stderr)
-        return 2
-    except pl.exceptions.PolarsError as e:  # e.g. a type error only seen while evaluating
-        print(f"browse-catalog: error: --where {args.where!r}: {str(e).splitlines()[0]}",
-              file=sys.stderr)
-        return 2
+        if cfg.as_json:
+            print(json.dumps(corpus.summary(), indent=1))
+        else:
+            _print_summary(corpus, cfg.where)
+        _print_sample(corpus, cfg)
+        status = _run_checks(corpus, cfg)
+        if cfg.html:
+            _write_gallery(corpus, cfg)
+    except (CorpusError, pl.exceptions.PolarsError) as e:  # e.g. a type error only seen on data
+        if cfg.where is None:
+            raise UsageError(f"DIR {cfg.dir}: unreadable corpus ({type(e).__name__})") from None
+        raise UsageError(f"--where {cfg.where!r}: fails on this corpus's data "
+                         f"({type(e).__name__}; e.g. a column compared with a value of "
+                         "another type)") from None
+    return status
 
 
-def _run(corpus: Corpus, args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), config_from_args, browse, argv)
+
+
+def _print_summary(corpus: Corpus, where: str | None) -> None:
     summary = corpus.summary()
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print(f"# corpus {corpus.root}  (pipeline {summary['pipeline_version']}, "
-              f"{summary['shards']} shards, complete: {summary['complete']})")
-        rows = pl.DataFrame({"table": list(summary["rows"]),
-                             "rows": list(summary["rows"].values()),
-                             "manifest_rows": list(summary["manifest_rows"].values())})
-        _table("rows per table", rows)
-        sr = summary["files"]["by_status_reason"]
-        _table("files by status / reason", pl.DataFrame(
-            {"status": [k.split("/", 1)[0] for k in sr], "reason": [k.split("/", 1)[1] for k in sr],
-             "n": list(sr.values())}, schema={"status": pl.String, "reason": pl.String,
-                                               "n": pl.Int64}))
-        _table("patients by split", _counts_frame(summary["patients"]["by_split"], "split"))
-        _table("regions by split", _counts_frame(summary["regions"]["by_split"], "split"))
-        _table("regions by modality", _counts_frame(summary["regions"]["by_modality"],
-                                                    "modality"))
-        _table("regions by label", _counts_frame(summary["regions"]["by_label"], "label"))
-        _table("region statistics (label, modality, split)"
-               + (f" where {args.where}" if args.where else ""),
-               corpus.region_stats(where=args.where).drop("area_mm2_sum", "area_mm2_median"))
+    print(f"# corpus {corpus.root}  (pipeline {summary['pipeline_version']}, "
+          f"{summary['shards']} shards, complete: {summary['complete']})")
+    rows = pl.DataFrame({"table": list(summary["rows"]),
+                         "rows": list(summary["rows"].values()),
+                         "manifest_rows": list(summary["manifest_rows"].values())})
+    _table("rows per table", rows)
+    sr = summary["files"]["by_status_reason"]
+    _table("files by status / reason", pl.DataFrame(
+        {"status": [k.split("/", 1)[0] for k in sr], "reason": [k.split("/", 1)[1] for k in sr],
+         "n": list(sr.values())}, schema={"status": pl.String, "reason": pl.String,
+                                           "n": pl.Int64}))
+    _table("patients by split", _counts_frame(summary["patients"]["by_split"], "split"))
+    _table("regions by split", _counts_frame(summary["regions"]["by_split"], "split"))
+    _table("regions by modality", _counts_frame(summary["regions"]["by_modality"], "modality"))
+    _table("regions by label", _counts_frame(summary["regions"]["by_label"], "label"))
+    _table("region statistics (label, modality, split)" + (f" where {where}" if where else ""),
+           corpus.region_stats(where=where).drop("area_mm2_sum", "area_mm2_median"))
 
-    lf = corpus.filter(args.where) if args.where is not None else corpus.regions_with_images()
+
+def _print_sample(corpus: Corpus, cfg: BrowseConfig) -> None:
+    lf = corpus.filter(cfg.where) if cfg.where is not None else corpus.regions_with_images()
     matching = int(lf.select(pl.len()).collect().item())
-    n = args.limit if args.limit is not None else 10
-    sample = corpus.sample(n, seed=args.seed, where=args.where)
+    n = cfg.limit if cfg.limit is not None else 10
+    sample = corpus.sample(n, seed=cfg.seed, where=cfg.where)
     cols = [c for c in SAMPLE_COLUMNS if c in sample.columns]
     _table(f"sample of {sample.height} of {matching} matching regions"
-           + (f" where {args.where}" if args.where else ""), sample.select(cols))
+           + (f" where {cfg.where}" if cfg.where else ""), sample.select(cols))
 
+
+def _run_checks(corpus: Corpus, cfg: BrowseConfig) -> int:
+    """The requested corpus checks; 1 when one of them fails, else 0."""
     status = 0
-    if args.check_leakage:
-        from catalogs.verify import check_leakage
-
-        report = check_leakage(corpus)
-        print("\n## leakage")
-        print(json.dumps(report, indent=1))
-        if not report["ok"]:
-            print("browse-catalog: LEAK: patients or identical images span splits",
-                  file=sys.stderr)
-            status = 1
-    if args.near_duplicates:
-        from catalogs.verify import near_duplicates
-
-        pairs = near_duplicates(corpus, max_distance=args.max_distance)
-        cross = int(pairs["cross_split"].sum()) if pairs.height else 0
-        _table(f"near-duplicate image pairs (pHash, <= {args.max_distance} bits): "
-               f"{pairs.height}, of which {cross} across splits",
-               pairs.select("image_id_a", "image_id_b", "distance", "split_a", "split_b",
-                            "same_patient").head(50))
-    if args.verify_captions:
-        from catalogs.verify import verify_captions
-
-        report = verify_captions(corpus)
-        print("\n## caption check")
-        print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=1))
-        for problem in report["problems"][:10]:
-            print("  disagreement:", json.dumps(problem, default=str)[:300])
-        if not report["ok"]:
-            print("browse-catalog: captions disagree with the re-derived facts", file=sys.stderr)
-            status = 1
-    if args.html:
-        from catalogs.gallery import write_gallery
-
-        index = write_gallery(corpus, args.html, where=args.where, page_size=args.page_size,
-                              limit=args.limit, seed=args.seed)
-        print(f"\ngallery: {index}")
+    if cfg.check_leakage and not _check_leakage(corpus):
+        status = 1
+    if cfg.near_duplicates:
+        _print_near_duplicates(corpus, cfg.max_distance)
+    if cfg.verify_captions and not _verify_captions(corpus):
+        status = 1
     return status
+
+
+def _check_leakage(corpus: Corpus) -> bool:
+    from catalogs.verify import check_leakage
+
+    report = check_leakage(corpus)
+    print("\n## leakage")
+    print(json.dumps(report, indent=1))
+    if not report["ok"]:
+        print("browse-catalog: LEAK: patients or identical images span splits", file=sys.stderr)
+    return bool(report["ok"])
+
+
+def _print_near_duplicates(corpus: Corpus, max_distance: int) -> None:
+    from catalogs.verify import near_duplicates
+
+    pairs = near_duplicates(corpus, max_distance=max_distance)
+    cross = int(pairs["cross_split"].sum()) if pairs.height else 0
+    _table(f"near-duplicate image pairs (pHash, <= {max_distance} bits): "
+           f"{pairs.height}, of which {cross} across splits",
+           pairs.select("image_id_a", "image_id_b", "distance", "split_a", "split_b",
+                        "same_patient").head(50))
+
+
+def _verify_captions(corpus: Corpus) -> bool:
+    from catalogs.verify import verify_captions
+
+    report = verify_captions(corpus)
+    print("\n## caption check")
+    print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=1))
+    for problem in report["problems"][:10]:
+        print("  disagreement:", json.dumps(problem, default=str)[:300])
+    if not report["ok"]:
+        print("browse-catalog: captions disagree with the re-derived facts", file=sys.stderr)
+    return bool(report["ok"])
+
+
+def _write_gallery(corpus: Corpus, cfg: BrowseConfig) -> None:
+    from catalogs.gallery import write_gallery
+
+    index = write_gallery(corpus, cfg.html, where=cfg.where, page_size=cfg.page_size,
+                          limit=cfg.limit, seed=cfg.seed)
+    print(f"\ngallery: {index}")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.build import build
 from pipeline.config import BuildConfig, ExecConfig, SplitConfig
-from pipeline.regions import RegionConfig
-from pipeline.slicing import SliceConfig
-from pipeline.volumes import ReadConfig
-from workflows.usage import validated_config
+from pipeline.images.slicing import SliceConfig
+from pipeline.ingest.read import ReadConfig
+from pipeline.roi.regions import RegionConfig
+from pipeline.run.build import build
+from workflows.usage import run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="*", type=Path, metavar="SOURCE", help="folders or files")
     p.add_argument("--collection", nargs=2, action="append", default=[],
                    metavar=("NAME", "PATH"), help="a public collection in a known layout "
-                   "(msd, nnunet_v2, totalsegmentator, brats; see catalogs/sources/)")
+                   "(msd, nnunet_v2, totalsegmentator, brats; see pipeline/ingest/layouts/)")
     p.add_argument("--out", type=Path, required=True, help="corpus directory")
     p.add_argument("--key-file", type=Path, help="de-identification key file "
                    "(default: $REGIONCORPUS_KEY, else ~/.config/regioncorpus/project.key)")
@@ -114,10 +114,8 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg, status = validated_config("build-corpus", _parser(), config_from_args, argv)
-    if cfg is None:
-        return status
+def build_and_report(cfg: BuildConfig) -> int:
+    """Build the corpus and print the run summary (JSON) and where it went."""
     manifest = build(cfg)
     summary = {k: manifest.get(k) for k in ("found", "ingested", "quarantined", "skipped",
                                             "quarantined_by_reason", "rows", "timings_s",
@@ -128,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=1))
     print(f"corpus written to {cfg.out} (manifest: {cfg.out / 'manifest.json'})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), config_from_args, build_and_report, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from workflows.usage import check_torch_device, run_command
+
+SPLITS = ("train", "val", "test")
 
 # OpenMP threads that spin while waiting lose whole time slices when other processes share
 # the cores (steps 2-10x slower and erratic on a busy 2-core machine); must be set before
@@ -32,37 +37,62 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    for flag in ("run", "baseline"):
-        path = getattr(args, flag)
-        if path is not None and not (path / "ckpt" / "last.pt").exists():
-            print(f"evaluate-model: error: --{flag} {path}: no ckpt/last.pt", file=sys.stderr)
-            return 2
-    if not (args.corpus / "images").is_dir():
-        print(f"evaluate-model: error: --corpus {args.corpus}: no images/ folder", file=sys.stderr)
-        return 2
-    if args.split not in ("train", "val", "test"):
-        print(f"evaluate-model: error: --split {args.split}: train, val or test", file=sys.stderr)
-        return 2
-    from model.data import Corpus
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation (validated by :meth:`validate`)."""
+
+    corpus: Path  # corpus folder (build-corpus --out)
+    run: Path  # run folder (train-model --out)
+    out: Path  # report JSON path; the Markdown table goes beside it (.md)
+    baseline: Path | None = None  # a second run folder (e.g. the --global-only ablation)
+    device: str = "cpu"  # torch device: cpu, cuda, cuda:N, mps
+    split: str = "test"  # split to evaluate: train, val or test
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad flag and its value."""
+        for flag, run in (("--run", self.run), ("--baseline", self.baseline)):
+            if run is not None and not (run / "ckpt" / "last.pt").is_file():
+                raise ValueError(f"{flag} {run}: no ckpt/last.pt (not a train-model run)")
+        if not (self.corpus / "images").is_dir():
+            raise ValueError(f"--corpus {self.corpus}: no images/ folder (not a build-corpus "
+                             "output)")
+        if self.out.is_dir():
+            raise ValueError(f"--out {self.out}: is a folder; give the report's .json path")
+        if self.split not in SPLITS:
+            raise ValueError(f"--split {self.split}: expected {', '.join(SPLITS)}")
+        check_torch_device(self.device)
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """Map parsed flags to the typed config (the only place that sees the namespace)."""
+    return EvalConfig(corpus=args.corpus, run=args.run, out=args.out, baseline=args.baseline,
+                      device=args.device, split=args.split)
+
+
+def evaluate(cfg: EvalConfig) -> int:
+    """Evaluate each run, write REPORT.json and REPORT.md, print the table."""
+    from model.data import CorpusIndex
     from model.evaluate import evaluate_run, markdown
 
-    corpus = Corpus.open(args.corpus)
-    report: dict = {"split": args.split, "corpus": str(args.corpus)}
-    for run in [args.run, args.baseline]:
+    corpus = CorpusIndex.open(cfg.corpus)
+    report: dict = {"split": cfg.split, "corpus": str(cfg.corpus)}
+    for run in (cfg.run, cfg.baseline):
         if run is None:
             continue
-        kind, res = evaluate_run(run, corpus, args.device, args.split)
+        kind, res = evaluate_run(run, corpus, cfg.device, cfg.split)
         if kind in report:
             kind = f"{kind}_2"
         report[kind] = res
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(json.dumps(report, indent=1))
     md = markdown(report)
-    args.out.with_suffix(".md").write_text(md)
+    cfg.out.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), config_from_args, evaluate, argv)
 
 
 if __name__ == "__main__":

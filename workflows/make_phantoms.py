@@ -3,7 +3,7 @@
 Writes a deterministic collection of synthetic CT studies, one per patient, as real DICOM series
 (with realistic fake identifying values) plus NIfTI label maps and ground-truth JSON:
 ``OUT/<FAMILY^GIVEN_PID>/CT_<n>/*.dcm``, ``CT_<n>_seg.nii.gz``, ``CT_<n>_seg.json`` and
-``CT_<n>_truth.json``. The same seed gives byte-identical files. See :mod:`pipeline.phantoms`.
+``CT_<n>_truth.json``. The same seed gives byte-identical files. See :mod:`pipeline.phantoms.studies`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.phantoms import make_phantoms
+from pipeline.phantoms.studies import make_phantoms
+from workflows.usage import run_command
 
 MAX_PATIENTS = 999
 MATRIX_RANGE = (32, 512)
@@ -21,13 +22,27 @@ MATRIX_RANGE = (32, 512)
 
 @dataclass(frozen=True)
 class PhantomConfig:
-    """Validated command-line settings."""
+    """What to write (validated by :meth:`validate`)."""
 
-    out: Path
-    patients: int = 8
-    seed: int = 0
-    matrix: int = 160
-    workers: int = 1
+    out: Path  # output folder, created if missing
+    patients: int = 8  # number of studies, 1..MAX_PATIENTS
+    seed: int = 0  # random seed, >= 0 (same seed → byte-identical files)
+    matrix: int = 160  # in-plane matrix size (rows = columns), within MATRIX_RANGE
+    workers: int = 1  # processes (the studies are the same for any count)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad flag and its value."""
+        if not 1 <= self.patients <= MAX_PATIENTS:
+            raise ValueError(f"--patients {self.patients}: must be between 1 and {MAX_PATIENTS}")
+        if self.seed < 0:
+            raise ValueError(f"--seed {self.seed}: must be >= 0")
+        if not MATRIX_RANGE[0] <= self.matrix <= MATRIX_RANGE[1]:
+            raise ValueError(f"--matrix {self.matrix}: must be between {MATRIX_RANGE[0]} and "
+                             f"{MATRIX_RANGE[1]}")
+        if self.workers < 1:
+            raise ValueError(f"--workers {self.workers}: must be >= 1")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out}: exists and is not a folder")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,32 +66,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> PhantomConfig:
-    """Parse and validate ``argv``; a bad value exits (status 2) naming the flag and the value."""
-    parser = _parser()
-    ns = parser.parse_args(argv)
-    if not 1 <= ns.patients <= MAX_PATIENTS:
-        parser.error(f"--patients must be between 1 and {MAX_PATIENTS}, got {ns.patients}")
-    if ns.seed < 0:
-        parser.error(f"--seed must be >= 0, got {ns.seed}")
-    if not MATRIX_RANGE[0] <= ns.matrix <= MATRIX_RANGE[1]:
-        parser.error(
-            f"--matrix must be between {MATRIX_RANGE[0]} and {MATRIX_RANGE[1]}, got {ns.matrix}"
-        )
-    if ns.workers < 1:
-        parser.error(f"--workers must be >= 1, got {ns.workers}")
-    if ns.out.exists() and not ns.out.is_dir():
-        parser.error(f"--out must be a folder, got existing file {str(ns.out)!r}")
+def config_from_args(ns: argparse.Namespace) -> PhantomConfig:
+    """Map parsed flags to the typed config (the only place that sees the namespace)."""
     return PhantomConfig(out=ns.out, patients=ns.patients, seed=ns.seed, matrix=ns.matrix,
                          workers=ns.workers)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+def write_phantoms(cfg: PhantomConfig) -> int:
+    """Write the studies and say where they went."""
     folders = make_phantoms(cfg.out, patients=cfg.patients, seed=cfg.seed, matrix=cfg.matrix,
                             workers=cfg.workers)
     print(f"wrote {len(folders)} phantom studies to {cfg.out}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), config_from_args, write_phantoms, argv)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.detect import add_thread_callbacks, evaluate_test, resolve_device, ultralytics_offline
-from pipeline.yolo_data import export_dataset, read_table
-from workflows.usage import usage_error, validated_config
+from pipeline.roi.detect import (
+    add_thread_callbacks,
+    evaluate_test,
+    resolve_device,
+    ultralytics_offline,
+)
+from pipeline.roi.detector_data import export_dataset
+from pipeline.write import read_table
+from workflows.usage import UsageError, run_command
 
 LESION = re.compile(r"nodule|mass|lesion|tumou?r", re.IGNORECASE)
 SIZE_SPLIT_MM = 10.0
-
-
-class UsageError(ValueError):
-    """A flag that turns out wrong only once the corpus is read (exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,31 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        time_limit_min=args.time_limit)
 
 
+def select_regions(corpus: Path, wanted: tuple[str, ...] | None
+                   ) -> tuple[list[dict], list[dict], list[str]]:
+    """(images, regions of the classes, classes) of ``corpus`` (step 2). Raises
+    :class:`UsageError` when no region has one of the classes (the corpus's own label names
+    stay out of the message: they are file contents)."""
+    images = read_table(corpus, "images", ["image_id", "patient_key", "split", "height", "width",
+                                          "pixel_spacing_mm", "image"])
+    regions = read_table(corpus, "regions")
+    if regions and "source" in regions[0] and any(r["source"] == "labels" for r in regions):
+        regions = [r for r in regions if r["source"] == "labels"]  # label-map truth only
+    labels = sorted({r["label"] for r in regions})
+    classes = list(wanted or [n for n in labels if LESION.search(n)])
+    if not classes:
+        raise UsageError(f"--classes: none given and no lesion-like region label in the corpus "
+                         f"({len(labels)} labels; browse-catalog lists them)")
+    if not set(classes) & set(labels):
+        raise UsageError(f"--classes {','.join(classes)}: no region of these labels in the "
+                         f"corpus ({len(labels)} labels; browse-catalog lists them)")
+    return images, [r for r in regions if r["label"] in classes], classes
+
+
 def run(cfg: TrainConfig) -> dict:
     out = cfg.out.resolve()
+    if cfg.corpus is not None:  # --classes is checked against it before anything is written
+        images, regions, classes = select_regions(cfg.corpus, cfg.classes)
     out.mkdir(parents=True, exist_ok=True)
     ultralytics = ultralytics_offline()  # first: it sets OpenMP's wait policy before torch loads
     corpus = cfg.corpus
@@ -139,18 +164,7 @@ def run(cfg: TrainConfig) -> dict:
         rc = build_corpus([*map(str, cfg.sources), "--out", str(corpus), "--every-k", "0"])
         if rc != 0:
             raise RuntimeError(f"build-corpus failed (exit {rc})")
-    images = read_table(corpus, "images", ["image_id", "patient_key", "split", "height", "width",
-                                          "pixel_spacing_mm", "image"])
-    regions = read_table(corpus, "regions")  # step 2
-    if regions and "source" in regions[0] and any(r["source"] == "labels" for r in regions):
-        regions = [r for r in regions if r["source"] == "labels"]  # label-map truth only
-    labels = sorted({r["label"] for r in regions})
-    classes = list(cfg.classes or [n for n in labels if LESION.search(n)])
-    if not classes:
-        raise UsageError(f"--classes: no lesion-like labels in {corpus}/regions (labels: {labels})")
-    if not set(classes) & set(labels):
-        raise UsageError(f"--classes {','.join(classes)}: none in {corpus}/regions ({labels})")
-    regions = [r for r in regions if r["label"] in classes]
+        images, regions, classes = select_regions(corpus, cfg.classes)
     data_yaml = export_dataset(images, regions, out / "dataset", classes,  # step 3
                                background_ratio=cfg.background_ratio, seed=cfg.seed)
     device = resolve_device(cfg.device)  # step 4
@@ -213,20 +227,19 @@ def _machine(device: str, ul_version: str) -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg, status = validated_config("train-detector", _parser(), config_from_args, argv)
-    if cfg is None:
-        return status
-    try:
-        metrics = run(cfg)
-    except UsageError as e:
-        return usage_error("train-detector", e)
+def train_and_report(cfg: TrainConfig) -> int:
+    """Run all steps and print the summary (mAP50, box recall, time) and where it went."""
+    metrics = run(cfg)
     rec = metrics.get("box_recall", {})
     summary = {"map50": metrics.get("map50"), "recall": rec.get("recall"),
                "by_size": rec.get("by_size"), "train_time_s": metrics["train_time_s"]}
     print(json.dumps(summary, indent=1))
     print(f"detector written to {metrics['weights']} (metrics: {cfg.out / 'metrics.json'})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), config_from_args, train_and_report, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from workflows.usage import check_torch_device, run_command
+
+if TYPE_CHECKING:
+    from model.ray_train import RayOptions
+    from model.train import TrainOptions
 
 # OpenMP threads that spin while waiting lose whole time slices when other processes share
 # the cores (steps 2-10x slower and erratic on a busy 2-core machine); must be set before
@@ -55,62 +63,69 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from_args(args: argparse.Namespace):
-    """Typed options from the parsed flags (the only place that sees the namespace)."""
-    from model.train import TrainOptions
+@dataclass(frozen=True)
+class TrainCommand:
+    """A validated train-model run: what to train and where."""
 
+    options: TrainOptions  # corpus, run folder, preset and its overrides
+    ray: RayOptions | None = None  # Ray Train launch (--address); None: here or under torchrun
+
+
+def _check_paths_and_device(args: argparse.Namespace) -> None:
+    """The checks that need no torch (so a mistyped flag is reported at once)."""
     if not (args.corpus / "images").is_dir():
         raise ValueError(f"--corpus {args.corpus}: no images/ folder (not a build-corpus output)")
     for flag in ("text_weights", "image_weights"):
         path = getattr(args, flag)
         if path is not None and not path.exists():
             raise ValueError(f"--{flag.replace('_', '-')} {path}: not found")
-    if not (args.device == "cpu" or args.device.startswith("cuda") or args.device == "mps"):
-        raise ValueError(f"--device {args.device}: expected cpu, cuda, cuda:N or mps")
-    return TrainOptions(
+    check_torch_device(args.device)
+    if args.address:
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError(f"--address {args.address}: launched by torchrun already; use one")
+        if args.ray_workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
+            raise ValueError(f"--ray-workers {args.ray_workers} / --cpus-per-worker "
+                             f"{args.cpus_per_worker} / --max-failures {args.max_failures}: "
+                             "need >= 1 / > 0 / >= 0")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainCommand:
+    """Typed, validated options from the parsed flags (the only place that sees the
+    namespace): paths and device first, then the preset and numeric flags (``run_config``)."""
+    _check_paths_and_device(args)
+    from model.train import TrainOptions, run_config
+
+    opts = TrainOptions(
         corpus=args.corpus, out=args.out, preset=args.preset, global_only=args.global_only,
         steps=args.steps, device=args.device, batch=args.batch, accum=args.accum,
         resume=args.resume, text_weights=args.text_weights, image_weights=args.image_weights,
         seed=args.seed, workers=args.workers, log_every=args.log_every,
         ckpt_every=args.ckpt_every, stop_after=args.stop_after)
-
-
-def ray_options_from_args(args: argparse.Namespace):
-    """Ray Train launch options, or None without ``--address``."""
+    run_config(opts)  # raises ValueError naming --preset, --steps, --batch, ...
+    if not args.address:
+        return TrainCommand(opts)
     from model.ray_train import RayOptions
 
-    if not args.address:
-        return None
-    if "WORLD_SIZE" in os.environ:
-        raise ValueError(f"--address {args.address}: launched by torchrun already; use one")
-    if args.ray_workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
-        raise ValueError(f"--ray-workers {args.ray_workers} / --cpus-per-worker "
-                         f"{args.cpus_per_worker} / --max-failures {args.max_failures}: "
-                         "need >= 1 / > 0 / >= 0")
-    return RayOptions(address=args.address, workers=args.ray_workers,
-                      cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+    return TrainCommand(opts, RayOptions(address=args.address, workers=args.ray_workers,
+                                         cpus_per_worker=args.cpus_per_worker,
+                                         max_failures=args.max_failures))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        opts = options_from_args(args)
-        ray_opts = ray_options_from_args(args)
-        from model.train import run_config
-
-        run_config(opts)  # validates preset and numeric flags before any work
-    except ValueError as e:
-        print(f"train-model: error: {e}", file=sys.stderr)
-        return 2
-    if ray_opts is not None:
+def train_and_report(cmd: TrainCommand) -> int:
+    """Train here (or under torchrun) or on Ray Train; print the final metrics as JSON."""
+    if cmd.ray is not None:
         from model.ray_train import train_on_ray
 
-        print(json.dumps(train_on_ray(opts, ray_opts), indent=1))
+        print(json.dumps(train_on_ray(cmd.options, cmd.ray), indent=1))
         return 0
     from model.train import train
 
-    print(json.dumps(train(opts), indent=1))
+    print(json.dumps(train(cmd.options), indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), config_from_args, train_and_report, argv)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,77 @@
-"""The entry points' shared start: parse flags into a validated config, or exit 2 saying why."""
+"""The entry points' shared edge: parse flags into a validated config and run it, or exit 2
+saying why.
+
+Every console command's ``main(argv)`` is one call::
+
+    return run_command(_parser(), config_from_args, work, argv)
+
+``config_from_args`` maps the argparse namespace to a typed config (the only code that sees
+the namespace) and raises ``ValueError`` naming the flag and the bad value; a config with a
+``validate()`` method is validated too, all before any work. ``work(config)`` does the work and
+returns the exit status; a flag that turns out wrong only once work has started (e.g. once a
+corpus is read) raises :class:`UsageError`. Either way the command prints one line,
+``PROG: error: MESSAGE``, to stderr and returns 2: the format and status argparse itself uses
+for unknown flags and unparsable values (those exit through ``SystemExit(2)``). Messages name
+the flag and may name a path the user typed, never anything read from a file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
+USAGE_STATUS = 2  # argparse's status for a usage error
+
+
+class UsageError(ValueError):
+    """A flag whose value turns out wrong only once work has started (exit status 2)."""
+
 
 def usage_error(prog: str, err: Exception) -> int:
-    """Print ``PROG: error: ...`` (the message names the flag) and return exit status 2."""
-    print(f"{prog}: error: {err}", file=sys.stderr)
-    return 2
+    """Print ``PROG: error: MESSAGE`` as one line of stderr and return exit status 2."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    print(f"{prog}: error: {'; '.join(lines) or type(err).__name__}", file=sys.stderr)
+    return USAGE_STATUS
 
 
-def validated_config(prog: str, parser: argparse.ArgumentParser,
+def check_torch_device(value: str, flag: str = "--device") -> None:
+    """Raise ValueError naming ``flag`` unless ``value`` names a torch device (checked by
+    spelling, before torch loads): cpu, cuda, cuda:N or mps."""
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise ValueError(f"{flag} {value}: expected cpu, cuda, cuda:N or mps")
+
+
+def validated_config(parser: argparse.ArgumentParser,
                      to_config: Callable[[argparse.Namespace], Any],
                      argv: list[str] | None) -> tuple[Any, int | None]:
-    """(config, None) from ``argv`` through ``to_config`` and the config's ``validate()``;
-    (None, 2) after a usage error. Also sets up INFO logging for the run."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    """``(config, None)`` from ``argv`` through ``to_config`` and the config's ``validate()``
+    (if it has one); ``(None, 2)`` after a usage error, printed under ``parser.prog``."""
     args = parser.parse_args(argv)
     try:
         cfg = to_config(args)
-        cfg.validate()
+        validate = getattr(cfg, "validate", None)
+        if callable(validate):
+            validate()
     except ValueError as e:
-        return None, usage_error(prog, e)
+        return None, usage_error(parser.prog, e)
     return cfg, None
+
+
+def run_command(parser: argparse.ArgumentParser,
+                to_config: Callable[[argparse.Namespace], Any],
+                work: Callable[[Any], int],
+                argv: list[str] | None) -> int:
+    """Parse and validate ``argv`` (see :func:`validated_config`), set up INFO logging, then
+    return ``work(config)``; a :class:`UsageError` from the work is reported like a bad flag."""
+    cfg, status = validated_config(parser, to_config, argv)
+    if status is not None:
+        return status
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return work(cfg)
+    except UsageError as e:
+        return usage_error(parser.prog, e)

@@ -21,7 +21,7 @@ _BUILT: dict[str, Path] = {}
 
 def corpus_once(tmp_path_factory) -> Path:
     if "corpus" not in _BUILT:
-        from pipeline.phantoms import make_phantoms
+        from pipeline.phantoms.studies import make_phantoms
         from workflows.build_corpus import main
 
         root = tmp_path_factory.mktemp("catalog_corpus")

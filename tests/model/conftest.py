@@ -27,7 +27,7 @@ MICRO = {
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
-    from pipeline.phantoms import make_phantoms
+    from pipeline.phantoms.studies import make_phantoms
     from workflows.build_corpus import main as build_main
 
     root = tmp_path_factory.mktemp("model_corpus")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.roi.detector_data import box_recall, export_dataset, iou_matrix
 from pipeline.write import commit_shard
-from pipeline.yolo_data import box_recall, export_dataset, iou_matrix
 from workflows.train_detector import main
 
 
@@ -199,7 +199,7 @@ def test_train_detector_one_epoch_smoke(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert str(weights) in out and "metrics.json" in out
 
-    from pipeline.detect import Detector, DetectorConfig
+    from pipeline.roi.detect import Detector, DetectorConfig
 
     det = Detector(DetectorConfig(weights=weights))
     assert det.imgsz == 64  # the checkpoint's training size

@@ -1,0 +1,10 @@
+"""Stage 5, captions: an image's final regions → attributes, region captions, hard negatives,
+summary and report. Captions are made once per image, by ``describe``, after its regions are
+final: in the unit worker when no model stage follows, else right after the model stage
+(``RegionConfig.uses_models`` decides, in one place).
+
+attributes.py   facts measured from pixels and masks (size, intensity, shape, location)
+describe.py     templates → captions and negatives; vocab_v1.json holds the vocabulary
+rewrite.py      optional guarded paraphrases from a local causal LM (``--captioner``)
+check.py        the independent checker: re-derives every fact from the stored PNG and RLE
+"""

@@ -1,0 +1,229 @@
+"""Checked facts about each region, derived only from what the corpus stores.
+
+Inputs are an images-table row (PNG pixels, window bounds, geometry, modality, plane) and the
+regions-table rows of that image (masks as COCO RLE). The caption writer (describe.py) and the
+caption checker (catalogs) both call :func:`derive_attributes`, so a caption can be re-derived
+from the stored data alone. Rules and thresholds live in ``pipeline/captions/vocab_v1.json``.
+
+* label: display name from the vocabulary; lesion when the label matches a lesion pattern.
+* laterality: the region centroid against the body midline on this slice (pipeline.roi.regions).
+* location (lesions): the organ region whose mask holds the lesion centroid ("in"), else the
+  nearest organ within ``next_to_mm`` ("next to"); sides are dropped from organ names.
+* size: maximal Feret diameter (mm) and its class.
+* intensity: mean inside the mask against a ring of ``ring_mm`` around it (inside the body):
+  CT in HU (pixels mapped back through the window), other modalities in grey-level fraction;
+  the value stored is the mean HU (CT) or the percentile of the mean among body pixels.
+* shape: circularity 4πA/P², elongation 1 − minor/major axis, solidity A/convex A.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage
+from skimage.measure import perimeter
+
+from pipeline.geometry import (
+    body_mask,
+    body_midline_x,
+    centroid_ras,
+    convex_hull,
+    crop,
+    decode_rle,
+    extent,
+    fill_holes,
+    grow,
+    laterality,
+    max_diameter_mm,
+    to_uint8,
+)
+
+VOCAB_DIR = Path(__file__).parent
+
+
+@lru_cache(maxsize=4)
+def load_vocab(version: str = "v1") -> dict:
+    """The caption vocabulary and thresholds of ``version`` (pipeline/captions/vocab_<v>.json)."""
+    return json.loads((VOCAB_DIR / f"vocab_{version}.json").read_text())
+
+
+def display(label: str, vocab: dict) -> str:
+    return vocab["label_display"].get(label, label.replace("_", " "))
+
+
+def is_lesion(label: str, vocab: dict) -> bool:
+    return any(p in label.lower() for p in vocab["lesion_patterns"])
+
+
+def size_class(diameter_mm: float, vocab: dict) -> str:
+    for name, lo, hi in vocab["size_classes_mm"]:
+        if lo <= diameter_mm < hi:
+            return name
+    return vocab["size_classes_mm"][-1][0]
+
+
+def modality_values(pixels: np.ndarray, image: dict) -> np.ndarray:
+    """(H, W) float64 modality values (HU for CT) of the stored PNG, through its window."""
+    top = 65535.0 if pixels.dtype == np.uint16 else 255.0
+    lo, hi = float(image["window_min"]), float(image["window_max"])
+    return lo + pixels.astype(np.float64) / top * (hi - lo)
+
+
+def _window(mask: np.ndarray, spacing, margin_mm: float, ext=None) -> tuple[slice, slice]:
+    """Slices of the mask's bounding box grown by ``margin_mm`` (+1 px), clipped;
+    ``ext``: the mask's :func:`~pipeline.geometry.extent` when the caller has it."""
+    pad = int(np.ceil(margin_mm / min(spacing))) + 1
+    return grow(extent(mask) if ext is None else ext, pad, mask.shape)
+
+
+def _ring(mask: np.ndarray, spacing, ring_mm: float, body: np.ndarray, ext=None) -> np.ndarray:
+    """(h, w) bool ring inside the window returned with it: pixels within ``ring_mm`` of the
+    mask, outside it, inside the body."""
+    win = _window(mask, spacing, ring_mm, ext)
+    dist = ndimage.distance_transform_edt(~mask[win], sampling=(spacing[0], spacing[1]))
+    return win, (dist > 0) & (dist <= ring_mm) & body[win]
+
+
+def _grey(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) float64 grey-level fraction of the stored pixels."""
+    return pixels.astype(np.float64) / (65535.0 if pixels.dtype == np.uint16 else 255.0)
+
+
+def _sorted_reference(grey: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Sorted grey levels of the body (all pixels when there is none): percentile reference."""
+    return np.sort(grey[body] if body.any() else grey.ravel())
+
+
+def intensity(mask, pixels, image, body, vocab, values=None, ext=None,
+              reference=None) -> tuple[str, float, str]:
+    """(class "hyper"/"iso"/"hypo", value, unit) of the region against its surroundings;
+    ``values``: the image's modality values (CT) or grey fractions (others) if already
+    computed; ``ext``: the mask's extent; ``reference``: :func:`_sorted_reference` (others)."""
+    win, ring = _ring(mask, image["pixel_spacing_mm"], vocab["ring_mm"], body, ext)
+    inner = mask[win]  # the window holds the whole mask: same pixels, same order as values[mask]
+    if image["modality"] == "CT":
+        values = modality_values(pixels, image) if values is None else values
+        inside = float(values[win][inner].mean())
+        around = float(values[win][ring].mean()) if ring.any() else inside
+        thr, diff, unit, value = vocab["intensity_thresholds"]["CT_hu"], inside - around, "HU", inside
+    else:
+        grey = _grey(pixels) if values is None else values
+        inside = float(grey[win][inner].mean())
+        around = float(grey[win][ring].mean()) if ring.any() else inside
+        thr, diff, unit = vocab["intensity_thresholds"]["other_fraction"], inside - around, "percentile"
+        ref = _sorted_reference(grey, body) if reference is None else reference
+        value = float(np.searchsorted(ref, inside, side="left") / len(ref) * 100.0)
+    cls = "hyper" if diff > thr else "hypo" if diff < -thr else "iso"
+    return cls, round(value, 3), unit
+
+
+def shape(mask: np.ndarray, ext=None) -> tuple[float, float, float, str]:
+    """(circularity, elongation, solidity, class) of an (H, W) bool mask, in pixel units.
+
+    circularity 4πA/P² (P: skimage's perimeter), elongation 1 − minor/major axis from the
+    second central moments, solidity A / area of the convex hull of the pixels (unit squares)."""
+    mask = crop(mask, 1, ext)[0]
+    area = float(mask.sum())
+    p = perimeter(mask)
+    circ = float(min(1.0, 4 * math.pi * area / p**2)) if p > 0 else 1.0
+    m = cv2.moments(mask.view(np.uint8), binaryImage=True)
+    a, b, c = m["mu20"], m["mu11"], m["mu02"]  # eigenvalues of [[a, b], [b, c]]
+    half, root = (a + c) / 2, math.sqrt(max(0.0, ((a - c) / 2) ** 2 + b * b))
+    major, minor = half + root, max(0.0, half - root)
+    elong = float(1 - math.sqrt(minor / major)) if major > 0 else 0.0
+    hull = convex_hull(mask)
+    hull_area = float(cv2.contourArea(hull)) if len(hull) >= 3 else area
+    solid = float(min(1.0, area / hull_area)) if hull_area > 0 else 1.0
+    cls = "irregular" if solid < 0.85 else "oval" if elong > 0.35 else "round"
+    return round(circ, 4), round(elong, 4), round(solid, 4), cls
+
+
+def _location(mask, organs, spacing, vocab, ext=None) -> tuple[str | None, str | None]:
+    """("in" | "next to", organ display) for a lesion, from the organ masks on the image."""
+    sub, r0, c0 = crop(mask, 0, ext)
+    rr, cc = np.nonzero(sub)
+    r, c = int(round((rr + r0).mean())), int(round((cc + c0).mean()))
+    for name, organ in organs:
+        if organ[min(r, organ.shape[0] - 1), min(c, organ.shape[1] - 1)]:
+            return "in", name
+    best, best_d = None, float(vocab["next_to_mm"])
+    win = _window(mask, spacing, best_d, ext)
+    for name, organ in organs:
+        sub = organ[win]
+        if not sub.any():
+            continue
+        d = ndimage.distance_transform_edt(~sub, sampling=(spacing[0], spacing[1]))[mask[win]].min()
+        if d <= best_d:
+            best, best_d = name, float(d)
+    return ("next to", best) if best else (None, None)
+
+
+def _organs(masks, regions, vocab) -> list[tuple[str, np.ndarray]]:
+    # holes filled: a lesion carved out of its organ's label still lies "in" the organ
+    out = [(display(r["label"], vocab), _filled(m))
+           for r, m in zip(regions, masks, strict=True)
+           if r["source"] == "labels" and not is_lesion(r["label"], vocab) and m.any()]
+    return sorted(out, key=lambda t: t[0])
+
+
+def _filled(mask: np.ndarray) -> np.ndarray:
+    sub, r0, c0 = crop(mask, 1)
+    out = np.zeros(mask.shape, bool)
+    out[r0:r0 + sub.shape[0], c0:c0 + sub.shape[1]] = fill_holes(sub)
+    return out
+
+
+def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
+                      vocab: dict | None = None, trust_rows: bool = False,
+                      body: np.ndarray | None = None,
+                      masks: list | None = None) -> list[dict]:
+    """One attribute record per region of ``image`` (same order), from stored data only.
+
+    ``trust_rows``: reuse the rows' ``max_diameter_mm`` and ``centroid_ras`` (computed from
+    the same mask by the same functions when the row was made) instead of measuring again; the
+    checker never does. ``body``: the image's :func:`~pipeline.geometry.body_mask` when the
+    caller has it already. ``masks``: the regions' (H, W) bool masks when the caller has them
+    (a None entry, or no list, is decoded from the row's ``mask_rle``)."""
+    vocab = vocab or load_vocab()
+    masks = [m if m is not None else decode_rle(r["mask_rle"]) if r["mask_rle"] else None
+             for r, m in zip(regions, masks or [None] * len(regions), strict=True)]
+    if all(m is None for m in masks):  # no region to measure: skip the per-image work below
+        return [None] * len(masks)
+    if body is None:
+        body = body_mask(to_uint8(pixels))
+    midline = body_midline_x(image["pixel_to_ras"], body)
+    lesions = [m is not None and is_lesion(r["label"], vocab) for r, m in zip(regions, masks, strict=True)]
+    organs = _organs([m if m is not None else np.zeros(pixels.shape, bool) for m in masks],
+                     regions, vocab) if any(lesions) else []
+    spacing = image["pixel_spacing_mm"]
+    ct = image["modality"] == "CT"
+    values = modality_values(pixels, image) if ct else _grey(pixels)
+    reference = None if ct else _sorted_reference(values, body)
+    out = []
+    for region, mask, lesion in zip(regions, masks, lesions, strict=True):
+        ext = None if mask is None else extent(mask)
+        if ext is None:
+            out.append(None)
+            continue
+        cen = region.get("centroid_ras") if trust_rows else None
+        cen = centroid_ras(mask, image["pixel_to_ras"], ext) if cen is None else cen
+        rel, loc = _location(mask, organs, spacing, vocab, ext) if lesion else (None, None)
+        diam = region.get("max_diameter_mm") if trust_rows else None
+        diam = max_diameter_mm(mask, spacing, ext) if diam is None else diam
+        icls, ival, unit = intensity(mask, pixels, image, body, vocab, values, ext, reference)
+        circ, elong, solid, scls = shape(mask, ext)
+        out.append({
+            "label": display(region["label"], vocab), "is_lesion": lesion,
+            "laterality": laterality(cen[0], midline, vocab["midline_band_mm"]), "location": loc,
+            "location_relation": rel, "max_diameter_mm": round(diam, 3),
+            "size_class": size_class(diam, vocab), "intensity_class": icls,
+            "intensity_value": ival, "intensity_unit": unit, "circularity": circ,
+            "elongation": elong, "solidity": solid, "shape_class": scls,
+            "modality": image["modality"], "plane": image["plane"],
+        })
+    return out

@@ -1,0 +1,149 @@
+"""The caption checker: re-derive every checkable attribute from the stored corpus and compare.
+
+For each image (PNG, window, geometry) and its regions (masks), attributes are derived again
+with :func:`pipeline.captions.attributes.derive_attributes`, then:
+
+* attributes: the stored ``attributes`` struct must equal the re-derived one (classes exactly,
+  numbers within 1e-6);
+* region caption: must be the rendering of the re-derived attributes with one of the
+  vocabulary's templates (whichever seed chose it), or — for a paraphrase written by the
+  optional rewriter — must state every re-derived attribute and contradict none
+  (pipeline.captions.rewrite.states_facts);
+* negatives: each must be the rendering, with the caption's own template, of the re-derived
+  attributes with exactly the attribute named in ``negative_kinds`` set to another value — so it
+  contradicts the region in that attribute and agrees in every other — and its facts must not
+  be those of another region on the same image;
+* image summary and report: must be the rendering of the re-derived facts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.captions.attributes import derive_attributes, load_vocab
+from pipeline.captions.describe import fact_key, render_region, summary_and_report, with_changed
+from pipeline.captions.rewrite import states_facts
+from pipeline.images.png import decode_png
+
+IMAGE_COLUMNS = ["image_id", "modality", "plane", "pixel_to_ras", "pixel_spacing_mm",
+                 "window_min", "window_max", "slice_thickness_mm", "contrast", "body_part",
+                 "caption_summary", "caption_report", "caption_version", "image"]
+
+
+def _all_values(kind: str, vocab: dict) -> list:
+    displays = sorted(set(vocab["label_display"].values()))
+    confusers = sorted({x for v in vocab["confusers"].values() for x in v})
+    return {
+        "laterality": ["right", "left", "midline"],
+        "label": sorted(set(displays) | set(confusers)),
+        "size_class": [n for n, _, _ in vocab["size_classes_mm"]],
+        "intensity_class": ["hyper", "iso", "hypo"],
+        "location": displays,
+    }[kind]
+
+
+def _templates(a: dict, vocab: dict) -> list[str]:
+    return vocab["region_templates"] if a["is_lesion"] else vocab["organ_templates"]
+
+
+def _same_attributes(stored: dict | None, derived: dict | None) -> bool:
+    if stored is None or derived is None:
+        return stored is None and derived is None
+    for k, v in derived.items():
+        s = stored.get(k)
+        if isinstance(v, float) and s is not None:
+            if abs(float(s) - v) > 1e-6:
+                return False
+        elif s != v:
+            return False
+    return True
+
+
+def _check_negative(text, kind, a, template, others, vocab, modality) -> bool:
+    """True when ``text`` is ``a`` with exactly ``kind`` changed to a false value."""
+    other_facts = {fact_key(o) for o in others}
+    for value in _all_values(kind, vocab):
+        if value == a.get(kind):
+            continue
+        b = with_changed(a, kind, value, vocab)
+        if render_region(b, template, vocab, modality) == text:
+            return fact_key(b) not in other_facts
+    return False
+
+
+def _check_region(region, a, others, vocab, modality, tally, problems) -> None:
+    tally["regions"] += 1
+    if _same_attributes(region.get("attributes"), a):
+        tally["attributes_agree"] += 1
+    else:
+        problems.append({"region_id": region["region_id"], "what": "attributes",
+                         "stored": region.get("attributes"), "derived": a})
+    if a is None:
+        return
+    caption = region["caption_region"] or ""
+    matches = [t for t in _templates(a, vocab) if render_region(a, t, vocab, modality) == caption]
+    if matches or states_facts(caption, a, modality, vocab):  # template, or a guarded paraphrase
+        tally["captions_agree"] += 1
+    else:
+        problems.append({"region_id": region["region_id"], "what": "caption",
+                         "caption": region["caption_region"]})
+    for text, kind in zip(region["negatives"] or [], region["negative_kinds"] or [], strict=True):
+        tally["negatives"] += 1
+        if any(_check_negative(text, kind, a, t, others, vocab, modality)
+               for t in (matches or _templates(a, vocab))):
+            tally["negatives_contradict"] += 1
+        else:
+            problems.append({"region_id": region["region_id"], "what": f"negative ({kind})",
+                             "negative": text})
+
+
+def _check_image(image, regions, vocab, tally, problems, seed: int | None = None) -> None:
+    """``seed``: the build's caption seed (manifest); None (older manifests): any seed."""
+    pixels = decode_png(image)
+    attrs = derive_attributes(image, pixels, regions, vocab)
+    captions = []
+    for k, (region, a) in enumerate(zip(regions, attrs, strict=True)):
+        others = [o for j, o in enumerate(attrs) if j != k and o]
+        _check_region(region, a, others, vocab, image["modality"], tally, problems)
+        captions.append(region["caption_region"])
+    tally["images"] += 1
+    seeds = [seed] if seed is not None else range(len(vocab["summary_templates"]) * 8)
+    for seed_guess in seeds:
+        summary, report = summary_and_report(image, attrs, captions, vocab, seed_guess)
+        if summary == image["caption_summary"] and report == image["caption_report"]:
+            tally["image_captions_agree"] += 1
+            return
+    problems.append({"image_id": image["image_id"], "what": "summary/report",
+                     "summary": image["caption_summary"]})
+
+
+def verify_captions(corpus: str | Path, max_problems: int = 50) -> dict:
+    """Check every committed shard of ``corpus``; returns counts, rates and the first problems."""
+    corpus = Path(corpus)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    tally = dict.fromkeys(("images", "image_captions_agree", "regions", "attributes_agree",
+                           "captions_agree", "negatives", "negatives_contradict"), 0)
+    problems: list[dict] = []
+    for _name, marker in sorted(manifest["shards"].items()):
+        if "images" not in marker["tables"]:
+            continue
+        images = pq.read_table(corpus / marker["tables"]["images"]["file"],
+                               columns=IMAGE_COLUMNS).to_pylist()
+        regions = pq.read_table(corpus / marker["tables"]["regions"]["file"]).to_pylist()
+        by_image: dict[str, list] = {}
+        for r in regions:
+            by_image.setdefault(r["image_id"], []).append(r)
+        for image in images:
+            vocab = load_vocab(image["caption_version"] or "v1")
+            _check_image(image, by_image.get(image["image_id"], []), vocab, tally, problems,
+                         manifest.get("caption_seed"))
+    rate = lambda a, b: 1.0 if tally[b] == 0 else tally[a] / tally[b]  # noqa: E731
+    return {**tally,
+            "caption_agreement": rate("captions_agree", "regions"),
+            "attribute_agreement": rate("attributes_agree", "regions"),
+            "negative_contradiction": rate("negatives_contradict", "negatives"),
+            "image_caption_agreement": rate("image_captions_agree", "images"),
+            "ok": not problems, "problems": problems[:max_problems]}

@@ -1,0 +1,215 @@
+"""Captions from checked facts: region captions, hard negatives, image summary and report.
+
+``describe_image`` is a pure function of an images-table row, its decoded pixels and its
+region rows: it derives attributes (pipeline.captions.attributes), renders one caption per region from a
+template chosen by a seeded hash of the region id (phrasing variety, deterministic), and writes
+negatives that reuse the SAME template with exactly one attribute changed to a value that is
+false for the region (laterality, label → a plausible confuser, size class, intensity,
+location). A negative that would describe another true region of the image is discarded.
+Templates and vocabulary: ``pipeline/captions/vocab_<version>.json``; the version is stored in
+``caption_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pipeline.captions.attributes import derive_attributes, load_vocab
+
+NEGATIVE_KINDS = ("laterality", "label", "size_class", "intensity_class", "location")
+
+
+def _pick(key: str, n: int, seed: int) -> int:
+    return int(hashlib.sha256(f"{seed}|{key}".encode()).hexdigest()[:8], 16) % n
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def render_region(a: dict, template: str, vocab: dict, modality: str) -> str:
+    """One caption from attributes ``a`` and a template string."""
+    words = vocab["intensity_words"].get(modality, vocab["intensity_words"]["*"])
+    side = vocab["laterality_words"].get(a["laterality"] or "", "")
+    loc = f"{a['location_relation']} the {a['location']}" if a.get("location") else ""
+    diameter = a.get("diameter_text") or f"{a['max_diameter_mm']:.0f}"
+    text = template.format(
+        size=a["size_class"], Size=_cap(a["size_class"]), intensity=words[a["intensity_class"]],
+        label=a["label"], Label=_cap(a["label"]), location=loc, side=side,
+        diameter=diameter, shape=vocab["shape_words"][a["shape_class"]])
+    return " ".join(text.replace(" ,", ",").split()).replace(", .", ".").replace(" :", ":")
+
+
+def _templates(a: dict, vocab: dict) -> list[str]:
+    return vocab["region_templates"] if a["is_lesion"] else vocab["organ_templates"]
+
+
+def template_for(region_id: str, a: dict, vocab: dict, seed: int) -> str:
+    ts = _templates(a, vocab)
+    return ts[_pick(region_id, len(ts), seed)]
+
+
+def _alternatives(kind: str, a: dict, vocab: dict, true_labels: set[str]) -> list:
+    if kind == "laterality":
+        return {"right": ["left"], "left": ["right"]}.get(a["laterality"], [])
+    if kind == "label":
+        pool = vocab["confusers"].get(a["label"], vocab["confusers"]["*"])
+        return [x for x in pool if x != a["label"] and x not in true_labels]
+    if kind == "size_class":
+        names = [n for n, _, _ in vocab["size_classes_mm"]]
+        i = names.index(a["size_class"])
+        return [names[j] for j in sorted(range(len(names)), key=lambda j: -abs(j - i)) if j != i]
+    if kind == "intensity_class":
+        return {"hyper": ["hypo"], "hypo": ["hyper"], "iso": ["hyper", "hypo"]}[a["intensity_class"]]
+    if kind == "location" and a.get("location"):
+        organs = sorted({v for v in vocab["label_display"].values() if v != a["location"]}
+                        - {x for x in vocab["label_display"].values() if "nodule" in x or "mass" in x})
+        return [o for o in organs if o not in true_labels and o != "body"]
+    return []
+
+
+def with_changed(a: dict, kind: str, value, vocab: dict) -> dict:
+    """Attributes ``a`` with attribute ``kind`` set to ``value`` (what a negative states)."""
+    b = dict(a, **{kind: value})
+    if kind == "size_class":
+        b["diameter_text"] = str(vocab["size_examples_mm"][value])
+    if kind == "location":
+        b["location_relation"] = "in"
+    return b
+
+
+def fact_key(a: dict) -> tuple:
+    """The facts a caption states, as a tuple: equal keys describe the same finding."""
+    return (a["label"], a["laterality"], a["size_class"], a["intensity_class"], a.get("location"))
+
+
+PLACEHOLDERS = {"laterality": ("{side}",), "label": ("{label}", "{Label}"),
+                "size_class": ("{size}", "{Size}", "{diameter}"), "intensity_class": ("{intensity}",),
+                "location": ("{location}",)}
+
+
+def _candidates(a: dict, template: str, vocab: dict, true_labels: set, seed: int, key: str):
+    """(kind, value) pairs, round-robin over kinds: first choices of every kind, then seconds."""
+    per_kind = []
+    for kind in NEGATIVE_KINDS:
+        if not any(p in template for p in PLACEHOLDERS[kind]):
+            continue
+        options = _alternatives(kind, a, vocab, true_labels)
+        if kind in ("label", "location") and options:
+            start = _pick(f"{key}|{kind}", len(options), seed)
+            options = options[start:] + options[:start]
+        per_kind.append([(kind, v) for v in options])
+    for rank in range(max((len(o) for o in per_kind), default=0)):
+        for options in per_kind:
+            if rank < len(options):
+                yield options[rank]
+
+
+def negatives_for(a: dict, template: str, others: list[dict], vocab: dict, modality: str,
+                  seed: int, key: str, minimum: int = 3) -> tuple[list[str], list[str]]:
+    """One negative per kind the template can state (in NEGATIVE_KINDS order), then further
+    values until there are ``minimum``; never another region's truth, never the positive."""
+    true_labels = {o["label"] for o in others} | {a["label"]}
+    other_facts = {fact_key(o) for o in others}
+    positive = render_region(a, template, vocab, modality)
+    texts, kinds = [], []
+    for kind, value in _candidates(a, template, vocab, true_labels, seed, key):
+        if kind in kinds and len(texts) >= minimum:
+            continue
+        b = with_changed(a, kind, value, vocab)
+        text = render_region(b, template, vocab, modality)
+        if fact_key(b) in other_facts or text == positive or text in texts:
+            continue
+        texts.append(text)
+        kinds.append(kind)
+    return texts, kinds
+
+
+def _findings(attrs: list[dict], captions: list[str]) -> list[str]:
+    lesions = [c for a, c in zip(attrs, captions, strict=True) if a and a["is_lesion"]]
+    return lesions
+
+
+def _body(image: dict, attrs: list[dict], vocab: dict) -> str:
+    if image.get("body_part"):
+        part = image["body_part"].upper()
+        return vocab["body_part_words"].get(part.replace(" ", ""), part.lower())
+    for a in attrs:
+        if a and a["label"] in vocab["body_regions"]:
+            return vocab["body_regions"][a["label"]]
+    return "body"
+
+
+def summary_and_report(image: dict, attrs: list[dict], captions: list[str], vocab: dict,
+                       seed: int) -> tuple[str, str]:
+    """The image's one-sentence summary and its structured report paragraph."""
+    lesions = [a for a in attrs if a and a["is_lesion"]]
+    organs = sorted({a["label"] for a in attrs if a and not a["is_lesion"]})
+    if lesions:
+        findings = " and ".join(f"a {a['size_class']} {a['label']}" + (
+            f" on the {a['laterality']}" if a["laterality"] in ("left", "right") else "")
+            for a in lesions)
+    elif organs:
+        findings = "no focal lesion; visible structures: " + ", ".join(organs)
+    else:
+        findings = "no labelled structure"
+    body = _body(image, attrs, vocab)
+    ts = vocab["summary_templates"]
+    t = ts[_pick(image["image_id"], len(ts), seed)]
+    summary = t.format(Plane=_cap(image["plane"]), plane=image["plane"],
+                       Modality=image["modality"], modality=image["modality"], body=body,
+                       findings=findings)
+    contrast = {True: "intravenous contrast", False: "none recorded"}.get(image.get("contrast"),
+                                                                         "not recorded")
+    items = _findings(attrs, captions) or [findings[0].upper() + findings[1:] + "."]
+    body_text = " ".join(f"({i}) {c}" for i, c in enumerate(items, 1))
+    if organs and lesions:
+        body_text += " Visible structures: " + ", ".join(organs) + "."
+    report = vocab["report_template"].format(
+        modality=image["modality"], plane=image["plane"],
+        thickness=f"{float(image['slice_thickness_mm']):.1f}", contrast=contrast,
+        findings=body_text)
+    return summary, report
+
+
+def describe_image(image: dict, pixels, regions: list[dict], seed: int = 0,
+                   version: str = "v1", body=None, masks: list | None = None) -> None:
+    """Fill caption columns of ``image`` and of its ``regions`` (in place). ``pixels``: the
+    image's (H, W) uint8/uint16 array (may be None when ``regions`` is empty); ``body``: its
+    body mask and ``masks``: the regions' (H, W) bool masks, when already computed."""
+    vocab = load_vocab(version)
+    attrs = derive_attributes(image, pixels, regions, vocab, trust_rows=True, body=body,
+                              masks=masks)
+    captions = []
+    for k, (region, a) in enumerate(zip(regions, attrs, strict=True)):
+        region["caption_version"] = vocab["version"]
+        region["attributes"] = a
+        if a is None:
+            region["caption_region"], region["negatives"], region["negative_kinds"] = None, [], []
+            captions.append(None)
+            continue
+        template = template_for(region["region_id"], a, vocab, seed)
+        region["caption_region"] = render_region(a, template, vocab, image["modality"])
+        others = [o for j, o in enumerate(attrs) if j != k and o]
+        region["negatives"], region["negative_kinds"] = negatives_for(
+            a, template, others, vocab, image["modality"], seed, region["region_id"])
+        captions.append(region["caption_region"])
+    image["caption_summary"], image["caption_report"] = summary_and_report(
+        image, attrs, captions, vocab, seed)
+    image["caption_version"] = vocab["version"]
+
+
+def describe_all(images: list[dict], regions: list[dict], seed: int = 0,
+                 pixels: dict | None = None, bodies: dict | None = None) -> None:
+    """Caption every image and region (in place); ``pixels`` maps image_id → decoded PNG and
+    ``bodies`` image_id → body mask, where the caller has them."""
+    from pipeline.images.png import decode_png
+
+    by_image: dict[str, list[dict]] = {}
+    for r in regions:
+        by_image.setdefault(r["image_id"], []).append(r)
+    for image in images:
+        iid = image["image_id"]
+        px = (pixels or {}).get(iid)
+        describe_image(image, decode_png(image) if px is None else px,
+                       by_image.get(iid, []), seed, body=(bodies or {}).get(iid))

@@ -1,0 +1,11 @@
+"""Stage 1, ingest: source roots → units of work → de-identified canonical volumes.
+
+discover.py     walk the roots (one ``FileEntry`` per file, keyed path hash) and scan DICOM
+                headers without decoding pixels
+units.py        group files into ``UnitTask`` s (a DICOM series or a NIfTI volume, each with
+                its label source); collections.py and layouts/*.json: public layouts
+                (MSD, nnU-Net v2, TotalSegmentator, BraTS)
+read.py         ``read_volume`` / ``read_dicom_series`` / ``read_nifti``: budgets, decode
+                (dicom_io, dicom_pixels), assemble (dicom_series), de-identify (deid) →
+                ``Volume`` (volume.py: array in closest-canonical RAS+, affine, clean meta)
+"""

@@ -1,0 +1,206 @@
+"""Assemble decoded DICOM frames into one volume in DICOM's LPS patient frame.
+
+Slices are ordered by their position along the slice normal n = row_dir × col_dir (never by
+InstanceNumber). Checks, each an :class:`IngestError` with its own reason: mixed orientations,
+gantry tilt (positions drifting in-plane), missing slices (a gap that is a whole multiple of the
+spacing), uneven spacing, and duplicate positions. Equal positions whose pixels are identical
+are de-duplicated; a uniform multiplicity m > 1 with different pixels becomes a 4th axis T of
+length m (echoes, phases), ordered by InstanceNumber.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import IngestError
+
+ORIENT_TOL = 1e-4  # max |difference| between direction cosines of one series
+POS_TOL = 1e-3  # mm: positions closer than this along n are the same slice
+TILT_TOL = 0.05  # mm of in-plane drift per slice tolerated before calling it gantry tilt
+
+
+@dataclass
+class Plane:
+    """One 2D frame and where it sits.
+
+    pixels: (rows, cols) float32 modality values. iop: 6 direction cosines (row_dir = direction
+    of increasing column index, col_dir = direction of increasing row index), LPS. ipp: (3,) LPS
+    mm of the centre of pixel (0, 0). spacing: (row spacing, column spacing) mm. order: tie-break
+    (InstanceNumber, frame number).
+    """
+
+    pixels: np.ndarray
+    iop: tuple[float, ...] | None
+    ipp: tuple[float, ...] | None
+    spacing: tuple[float, float]
+    order: tuple[int, int]
+    thickness: float | None = None
+
+
+def _seq_item(item, seq: str, shared):
+    value = item.get(seq) if item is not None else None
+    if not value and shared is not None:
+        value = shared.get(seq)
+    return value[0] if value else None
+
+
+def _spacing(ds_or_item) -> tuple[float, float] | None:
+    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds_or_item.get(kw) if ds_or_item is not None else None
+        if value is not None and len(value) == 2:
+            return float(value[0]), float(value[1])
+    return None
+
+
+def _floats(value, n):
+    if value is None or len(value) != n:
+        return None
+    return tuple(float(v) for v in value)
+
+
+def planes_of(ds, frames: np.ndarray) -> list[Plane]:
+    """Split a decoded data set into planes with their geometry (classic or enhanced)."""
+    inst = int(ds.get("InstanceNumber", 0) or 0)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and len(per_frame) == frames.shape[0]:
+        shared_seq = ds.get("SharedFunctionalGroupsSequence")
+        shared = shared_seq[0] if shared_seq else None
+        out = []
+        for f, item in enumerate(per_frame):
+            pos = _seq_item(item, "PlanePositionSequence", shared)
+            ori = _seq_item(item, "PlaneOrientationSequence", shared)
+            meas = _seq_item(item, "PixelMeasuresSequence", shared)
+            out.append(Plane(
+                frames[f], _floats(ori.get("ImageOrientationPatient"), 6) if ori else None,
+                _floats(pos.get("ImagePositionPatient"), 3) if pos else None,
+                _spacing(meas) or (1.0, 1.0), (inst, f),
+                float(meas.get("SliceThickness")) if meas and meas.get("SliceThickness") else None,
+            ))
+        return out
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    spacing = _spacing(ds) or (1.0, 1.0)
+    thick = float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None
+    if frames.shape[0] > 1:  # classic multi-frame without per-frame geometry: frames are time
+        return [Plane(frames[f], None, None, spacing, (inst, f), thick)
+                for f in range(frames.shape[0])]
+    return [Plane(frames[0], iop, ipp, spacing, (inst, 0), thick)]
+
+
+def _no_geometry(planes: list[Plane]) -> tuple[np.ndarray, np.ndarray]:
+    """Planes without position: one slice, frames along T. Affine is a nominal LPS frame."""
+    planes = sorted(planes, key=lambda p: p.order)
+    stack = np.stack([p.pixels.T for p in planes], axis=-1)  # (cols, rows, T)
+    array = stack[:, :, None, :] if len(planes) > 1 else stack
+    rs, cs = planes[0].spacing
+    affine = np.diag([cs, rs, planes[0].thickness or 1.0, 1.0])
+    return array, affine
+
+
+def _directions(planes: list[Plane], path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iops = np.array([p.iop for p in planes], dtype=np.float64)
+    if np.abs(iops - iops[0]).max() > ORIENT_TOL:
+        raise IngestError("mixed_orientation", "slices disagree on ImageOrientationPatient", path)
+    row_dir, col_dir = iops[0, :3], iops[0, 3:]
+    normal = np.cross(row_dir, col_dir)
+    if abs(np.linalg.norm(normal) - 1.0) > 1e-3:
+        raise IngestError("geometry", "ImageOrientationPatient is not orthonormal", path)
+    return row_dir, col_dir, normal
+
+
+def _group_positions(planes, pos, path) -> list[list[int]]:
+    """Indices of planes grouped by equal position along n, groups in ascending position."""
+    order = sorted(range(len(planes)), key=lambda i: (pos[i], planes[i].order))
+    groups: list[list[int]] = [[order[0]]]
+    for i in order[1:]:
+        if abs(pos[i] - pos[groups[-1][0]]) < POS_TOL:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _dedupe(planes, groups, path) -> list[list[int]]:
+    """Drop exact duplicates (same position, same pixels); the rest must be m per position."""
+    out = []
+    for g in groups:
+        kept: list[int] = []
+        for i in sorted(g, key=lambda i: planes[i].order):
+            if not any(np.array_equal(planes[i].pixels, planes[j].pixels) for j in kept):
+                kept.append(i)
+        out.append(kept)
+    sizes = {len(g) for g in out}
+    if len(sizes) > 1:
+        raise IngestError("duplicate_position", "different images share a slice position "
+                          f"(uneven counts per position: {sorted(sizes)})", path)
+    return out
+
+
+def _check_spacing(pos_sorted: np.ndarray, path) -> float:
+    d = np.diff(pos_sorted)
+    step = float(np.median(d))
+    tol = max(0.01, 0.01 * step)
+    if np.all(np.abs(d - step) <= tol):
+        return step
+    ratio = d / step
+    if np.all(np.abs(ratio - np.round(ratio)) <= 0.05) and ratio.min() > 0.5:
+        missing = int(np.round(ratio).sum() - len(d))
+        raise IngestError("missing_slices", f"{missing} slice(s) missing from the series "
+                          f"(spacing {step:.3f} mm, largest gap {d.max():.3f} mm)", path)
+    raise IngestError("uneven_spacing", f"slice spacing varies from {d.min():.3f} to "
+                      f"{d.max():.3f} mm", path)
+
+
+def _check_tilt(ipps: np.ndarray, normal: np.ndarray, path) -> None:
+    delta = ipps[-1] - ipps[0]
+    in_plane = delta - (delta @ normal) * normal
+    drift = float(np.linalg.norm(in_plane)) / max(1, len(ipps) - 1)
+    if drift > TILT_TOL:
+        raise IngestError("gantry_tilt", f"slice positions drift {drift:.3f} mm per slice "
+                          "off the slice normal (tilted gantry or sheared stack)", path)
+
+
+def assemble(planes: list[Plane], path: object = None, min_slices: int = 1):
+    """Stack ``planes`` into a volume.
+
+    Returns:
+        array: (cols, rows, K) or (cols, rows, K, T) float32 — axis 0 follows row_dir (column
+            index), axis 1 follows col_dir (row index), axis 2 ascending along the normal.
+        affine: (4, 4) float64 voxel → LPS mm.
+    """
+    if not planes:
+        raise IngestError("no_pixel_data", "series has no frames", path)
+    shapes = {p.pixels.shape for p in planes}
+    if len(shapes) > 1:
+        raise IngestError("geometry", f"frames of one series differ in size {sorted(shapes)}", path)
+    if all(p.iop is None or p.ipp is None for p in planes):
+        if len(planes) > 1 and any(p.order[1] == 0 for p in planes[1:]):
+            raise IngestError("geometry", "several images without position information", path)
+        return _no_geometry(planes)
+    if any(p.iop is None or p.ipp is None for p in planes):
+        raise IngestError("geometry", "some slices lack ImagePositionPatient/Orientation", path)
+    row_dir, col_dir, normal = _directions(planes, path)
+    pos = np.array([np.dot(p.ipp, normal) for p in planes])
+    groups = _dedupe(planes, _group_positions(planes, pos, path), path)
+    if len(groups) < min_slices:
+        raise IngestError("too_few_slices", f"{len(groups)} slice(s), at least {min_slices} "
+                          "required", path)
+    first = [planes[g[0]] for g in groups]
+    ipps = np.array([p.ipp for p in first])
+    step = first[0].thickness or 1.0
+    if len(groups) > 1:
+        _check_tilt(ipps, normal, path)
+        step = _check_spacing(np.array([pos[g[0]] for g in groups]), path)
+    rows, cols = first[0].pixels.shape
+    # one float32 array filled in place: nested np.stack + a dtype copy cost 2 more full copies
+    array = np.empty((cols, rows, len(groups), len(groups[0])), np.float32)
+    for k, g in enumerate(groups):
+        for t, i in enumerate(g):
+            array[:, :, k, t] = planes[i].pixels.T
+    rs, cs = first[0].spacing
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1] = row_dir * cs, col_dir * rs
+    affine[:3, 2], affine[:3, 3] = normal * step, ipps[0]
+    return (array[..., 0] if array.shape[-1] == 1 else array), affine

@@ -1,0 +1,9 @@
+"""Running a build: the unit worker, shards, executors, isolation, the build itself.
+
+unit.py     ``process_unit``: read → labels → cut → labels-route regions → captions (when no
+            model stage follows) for one unit, in an isolated worker
+shards.py   unit results → table rows (model stage and its captions here) → commit
+execute.py  executors: local (forked workers) and Ray Data (actor pools)
+isolate.py  forked children under a timeout and an address-space cap
+build.py    ``build(BuildConfig)``: discovery, resume, execution, manifest
+"""
