@@ -186,3 +186,9 @@ def windows_for(
         return [ct_window_spec(name) for name in ct_windows]
     vmin, vmax = percentile_range(volume.array, percentiles[0], percentiles[1])
     return [WindowSpec("percentile", vmin, vmax)]
+
+
+def is_blank(pixels: np.ndarray) -> bool:
+    """True when a windowed (H, W) image holds one value only (all black, all white, or air
+    under a soft-tissue window): it shows nothing, so it is never cut."""
+    return pixels.size == 0 or bool(pixels.min() == pixels.max())
