@@ -1,9 +1,12 @@
 """Interactive, single-node queries over a corpus written by ``build-corpus`` (Polars, lazy).
 
 ``Corpus.open(DIR)`` reads ``DIR/manifest.json`` and scans only the Parquet files of committed
-shards it lists (a half-written or stray file in ``DIR/<table>/`` is never read). Every table is
-a :class:`polars.LazyFrame`; nothing is read until ``.collect()``, and Polars pushes column
-selections and filters down into the Parquet reader.
+shards it lists (``pipeline.write.committed_files``: a half-written or stray file in
+``DIR/<table>/`` is never read). Every table is a :class:`polars.LazyFrame`; nothing is read
+until ``.collect()``, and Polars pushes column selections and filters down into the Parquet
+reader. Other engines get the same file list: ``python -m catalogs.corpus files DIR TABLE``
+prints it, ``python -m catalogs.corpus duckdb DIR`` prints DuckDB views over it
+(:func:`duckdb_views`).
 
 Tables (columns and dtypes are those of ``pipeline.write.SCHEMAS``, documented in
 docs/schema.md; columns added later — e.g. ``caption_summary``, ``caption_report`` on images,
@@ -25,7 +28,9 @@ them and are null for shards written before):
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.write import SCHEMAS
+from pipeline.write import SCHEMAS, committed_files, committed_tables
 
 TABLES = ("files", "series", "images", "regions")
 PIXEL_COLUMN = "image"
@@ -102,24 +107,20 @@ class Corpus:
     # -- layout ------------------------------------------------------------------------------
 
     def shard_names(self) -> list[str]:
-        """Committed shard names, sorted (``discovery`` holds only files rows)."""
-        return sorted(self.manifest["shards"])
+        """Committed shard names, sorted (``discovery*`` hold only files rows)."""
+        return list(committed_tables(self.root, self.manifest))
 
     def files(self, table: str) -> list[Path]:
-        """Parquet files of ``table`` in committed shards, in shard-name order."""
+        """Parquet files of ``table`` in committed shards, in shard-name order (tables without
+        rows have none): :func:`pipeline.write.committed_files`."""
         _check_table(table)
-        out = []
-        for name in self.shard_names():
-            info = self.manifest["shards"][name].get("tables", {}).get(table)
-            if info:
-                out.append(self.root / info["file"])
-        return out
+        return committed_files(self.root, table, self.manifest)
 
     def manifest_rows(self, table: str) -> int:
         """Row count of ``table`` according to the manifest's shard entries."""
         _check_table(table)
-        return sum(s.get("tables", {}).get(table, {}).get("rows", 0)
-                   for s in self.manifest["shards"].values())
+        return sum(self.manifest["shards"][s].get("tables", {}).get(table, {}).get("rows", 0)
+                   for s in self.shard_names())
 
     def arrow_schema(self, table: str) -> pa.Schema:
         """Arrow schema of ``table`` (union over its committed files)."""
@@ -241,7 +242,7 @@ class Corpus:
             "root": str(self.root),
             "pipeline_version": self.manifest.get("pipeline_version"),
             "complete": self.manifest.get("complete"),
-            "shards": len([s for s in self.shard_names() if s != "discovery"]),
+            "shards": len([s for s in self.shard_names() if not s.startswith("discovery")]),
             "rows": {t: self.count(t) for t in TABLES},
             "manifest_rows": {t: self.manifest_rows(t) for t in TABLES},
             "files": {
@@ -325,3 +326,46 @@ def parse_where(where: str, lf: pl.LazyFrame | None = None) -> pl.Expr:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def duckdb_views(corpus: Corpus) -> str:
+    """SQL creating one DuckDB view per table over its committed files (never a glob), e.g.
+    ``duckdb.sql(duckdb_views(Corpus.open(DIR)))`` then ``SELECT ... FROM regions``. A table
+    without committed rows gets no view (a comment says so)."""
+    out = []
+    for table in TABLES:
+        paths = corpus.files(table)
+        if paths:
+            files = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in paths)
+            out.append(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "
+                       f"read_parquet([{files}], union_by_name = true);")
+        else:
+            out.append(f"-- {table}: no committed rows, no view")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m catalogs.corpus files DIR TABLE``: the committed files of a table, one per
+    line; ``python -m catalogs.corpus duckdb DIR``: :func:`duckdb_views`."""
+    p = argparse.ArgumentParser(prog="python -m catalogs.corpus", description=main.__doc__)
+    sub = p.add_subparsers(dest="what", required=True)
+    f = sub.add_parser("files", help="committed files of one table, one per line")
+    f.add_argument("corpus", type=Path)
+    f.add_argument("table", choices=TABLES)
+    d = sub.add_parser("duckdb", help="SQL: one DuckDB view per table over its committed files")
+    d.add_argument("corpus", type=Path)
+    args = p.parse_args(argv)
+    try:
+        corpus = Corpus.open(args.corpus)
+    except CorpusError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    if args.what == "files":
+        print("\n".join(str(path) for path in corpus.files(args.table)))
+    else:
+        print(duckdb_views(corpus), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.write import ROW_GROUP_ROWS, atomic_write_bytes, write_manifest
+from pipeline.write import (
+    ROW_GROUP_ROWS,
+    atomic_write_bytes,
+    marker_files,
+    marker_units,
+    write_manifest,
+)
 from pipeline.write import file_sha256 as _sha256
 
 from .corpus import KEY_COLUMNS, TABLES, Corpus, CorpusError, iter_image_file
@@ -197,14 +203,13 @@ def plan_compaction(corpus: Corpus | str | Path, target_bytes: int = 256 << 20,
     """Groups of consecutive (by name) shards to merge: shards smaller than ``target_bytes``
     (all their files together) are gathered until a group reaches ``target_bytes``; a large
     shard ends a group; groups of fewer than ``min_group`` shards are left alone. The
-    ``discovery`` shard (files only) is never compacted."""
+    ``discovery`` shards (files only) are never compacted."""
     c = _corpus(corpus)
     groups, current, size = [], [], 0
     for name in c.shard_names():
-        if name == "discovery":
+        if name.startswith("discovery"):
             continue
-        tables = c.manifest["shards"][name].get("tables", {})
-        nbytes = sum((c.root / t["file"]).stat().st_size for t in tables.values())
+        nbytes = sum((c.root / f).stat().st_size for f in marker_files(c.manifest["shards"][name]))
         if nbytes >= target_bytes:
             groups.append(current)
             current, size = [], 0
@@ -281,8 +286,9 @@ def _write_merged(root: str, table: str, new_name: str, sources: list[str],
 
 def compact_marker(root: Path, name: str, group: list[str], tables: dict) -> dict:
     """Commit marker of compact shard ``name``: its tables, every shard it ``replaces`` (through
-    earlier compactions too) and their summed status counts. A later build-corpus run into the
-    corpus treats the replaced shards as committed (not redone) and keeps this shard in the
+    earlier compactions too), their summed status counts and the units it covers (read from
+    its own files table). A later build-corpus run into the corpus treats the replaced shards
+    as committed (not redone), their units as this shard's, and keeps this shard in the
     manifest it writes."""
     status, reasons, replaces = Counter(), Counter(), list(group)
     for s in group:
@@ -294,7 +300,8 @@ def compact_marker(root: Path, name: str, group: list[str], tables: dict) -> dic
                 replaces += marker.get("replaces", [])  # a compact shard compacted again
                 break
     return {"shard": name, "tables": tables, "replaces": sorted(set(replaces)),
-            "stats": {"status": dict(status), "quarantined_by_reason": dict(reasons)}}
+            "stats": {"status": dict(status), "quarantined_by_reason": dict(reasons)},
+            "units": marker_units(root, {"tables": tables})}
 
 
 def compact(corpus: Corpus | str | Path, target_bytes: int = 256 << 20, min_group: int = 2,
@@ -355,7 +362,8 @@ def _merge_groups(c: Corpus, names: dict[str, list[str]],
     tasks, keys = [], []
     for new, group in names.items():
         for table in TABLES:
-            infos = [shards[s]["tables"][table] for s in group if table in shards[s]["tables"]]
+            infos = [shards[s]["tables"][table] for s in group
+                     if shards[s]["tables"].get(table, {}).get("file")]
             if infos:
                 tasks.append(dask.delayed(_write_merged)(
                     str(c.root), table, new, [i["file"] for i in infos],
@@ -403,8 +411,8 @@ def _remove_replaced(c: Corpus, names: dict[str, list[str]]) -> None:
     replaced_dir = c.root / "_commits" / "replaced"
     for group in names.values():
         for s in group:
-            for info in shards[s]["tables"].values():
-                (c.root / info["file"]).unlink(missing_ok=True)
+            for rel in marker_files(shards[s]):
+                (c.root / rel).unlink(missing_ok=True)
             marker = c.root / "_commits" / f"{s}.json"
             if marker.exists():
                 replaced_dir.mkdir(parents=True, exist_ok=True)

@@ -257,4 +257,4 @@ def verify_captions(corpus: Corpus, **kwargs) -> dict:
     (see pipeline.captions.check.verify_captions)."""
     from pipeline.captions.check import verify_captions as check
 
-    return check(corpus.root, **kwargs)
+    return check(corpus.root, manifest=corpus.manifest, **kwargs)

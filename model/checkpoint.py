@@ -8,12 +8,17 @@ The checkpoint holds: ``model`` (state dict), ``optimizer``, ``config`` (RunConf
 ``step`` (optimizer steps done), ``stage``, ``data`` (per rank: DataLoader rotation and the
 per-reader :class:`model.data.DataState`), ``rng`` (python, numpy, torch CPU and CUDA states),
 ``vocab_size``.
+
+A run folder holds one run: :func:`check_run_folder` refuses to train into an earlier run's
+files unless it is resumed (``--resume``) or replaced (``--overwrite``, which
+:func:`clear_run` carries out once the whole request is validated).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,9 +30,43 @@ from model.config import RunConfig
 from model.data import DataState
 from model.text_tower import load_tokenizer
 
+#: What a training run writes in its folder (besides Ray Train's own state, RAY_STATE).
+RUN_FILES = ("ckpt", "log.jsonl", "config.json", "tokenizer", "tb", "loss_curves.png")
+RAY_STATE = "ray_train"  # Ray Train's run state (train-model --address), replaced by --overwrite
+
 
 def ckpt_path(run: Path) -> Path:
     return Path(run) / "ckpt" / "last.pt"
+
+
+def run_files(run: Path) -> list[Path]:
+    """The files and folders of an earlier training run present in ``run`` (see RUN_FILES)."""
+    return [Path(run) / name for name in RUN_FILES if (Path(run) / name).exists()]
+
+
+def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
+    """ValueError naming the flag unless training may write into ``run``: a folder (or a path
+    to create) that holds no earlier run, or one whose run is continued (``resume``) or
+    replaced (``overwrite``). Nothing is deleted here (see :func:`clear_run`)."""
+    run = Path(run)
+    if resume and overwrite:
+        raise ValueError("--resume/--overwrite: choose one (continue the run in --out, or "
+                         "start it over)")
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out {run}: exists and is not a folder")
+    if not (resume or overwrite) and run_files(run):
+        raise ValueError(f"--out {run}: holds a training run (checkpoint or log); pass "
+                         "--resume to continue it or --overwrite to delete it and start over")
+
+
+def clear_run(run: Path) -> None:
+    """Delete an earlier run's files from ``run`` (RUN_FILES and RAY_STATE); anything else in
+    the folder is left alone. Called for ``--overwrite`` once the request is validated."""
+    for path in [*run_files(run), Path(run) / RAY_STATE]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def rng_state() -> dict:

@@ -1,8 +1,9 @@
 """Streaming the corpus's Parquet shards into training / evaluation batches.
 
-* Reading: ``DIR/images/shard-k.parquet`` row groups with pyarrow, the co-sharded
-  ``DIR/regions/shard-k.parquet`` joined by ``image_id``. Units of work are (shard, row group,
-  part): every (rank, DataLoader worker) pair — global reader id ``g = rank·W + worker`` — reads
+* Reading: the committed shards the manifest lists (``pipeline.write.committed_tables``: never
+  a glob, so compacted corpora read as built and uncommitted files are never read): each
+  shard's images file row groups with pyarrow, its co-sharded regions file (none when the shard
+  has no regions) joined by ``image_id``. Units of work are (shard, row group, part): every (rank, DataLoader worker) pair — global reader id ``g = rank·W + worker`` — reads
   the units ``u`` with ``u % (world·W) == g`` (a row group is split into interleaved parts when
   there are more readers than row groups), so no two readers share rows.
 * Order: per epoch the reader's units are shuffled with ``(seed, epoch, g)`` and rows pass a
@@ -37,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from model import captions as cap
 from model.config import DataConfig
+from pipeline.write import REGIONS_SCHEMA, committed_tables
 
 IMAGE_COLS = ["image_id", "patient_key", "split", "modality", "plane", "height", "width", "image"]
 IMAGE_CAPTIONS = ["caption_summary", "caption_report"]
@@ -46,10 +48,10 @@ REGION_CAPTIONS = ["caption_region", "negatives", "negative_kinds"]
 
 @dataclass
 class CorpusIndex:
-    """Shard files of a corpus and what the training needs to know about them."""
+    """Committed shard files of a corpus and what the training needs to know about them."""
 
     root: Path
-    shards: list[str]  # shard file names present in both images/ and regions/
+    shards: list[tuple[Path, Path | None]]  # (images file, regions file or None) per shard
     row_groups: list[int]
     image_captions: bool
     region_captions: bool
@@ -60,20 +62,24 @@ class CorpusIndex:
     @classmethod
     def open(cls, root: Path) -> CorpusIndex:
         root = Path(root)
-        names = sorted(p.name for p in (root / "images").glob("shard-*.parquet"))
-        names = [n for n in names if (root / "regions" / n).exists()]
-        if not names:
-            raise ValueError(f"--corpus {root}: no images/regions shards")
-        rgs = [pq.ParquetFile(root / "images" / n).num_row_groups for n in names]
-        img_cols = set(pq.read_schema(root / "images" / names[0]).names)
-        reg_cols = set(pq.read_schema(root / "regions" / names[0]).names)
-        c = cls(root, names, rgs, all(x in img_cols for x in IMAGE_CAPTIONS),
+        try:
+            tables = committed_tables(root)
+        except ValueError:
+            raise ValueError(f"--corpus {root}: no manifest.json (not a corpus written by "
+                             "build-corpus, or no shard committed yet)") from None
+        shards = [(t["images"], t.get("regions")) for t in tables.values() if "images" in t]
+        if not shards:
+            raise ValueError(f"--corpus {root}: no committed images")
+        rgs = [pq.ParquetFile(img).num_row_groups for img, _ in shards]
+        img_cols = set(pq.read_schema(shards[0][0]).names)
+        reg_files = [reg for _, reg in shards if reg is not None]
+        reg_cols = set(pq.read_schema(reg_files[0]).names if reg_files else REGIONS_SCHEMA.names)
+        c = cls(root, shards, rgs, all(x in img_cols for x in IMAGE_CAPTIONS),
                 "caption_region" in reg_cols and "negatives" in reg_cols)
         sides: dict[str, set] = {}
         version_col = ["caption_version"] if "caption_version" in reg_cols else []
-        for n in names:
-            t = pq.read_table(root / "regions" / n,
-                              columns=["label", "laterality", "split"] + version_col)
+        for reg in reg_files:
+            t = pq.read_table(reg, columns=["label", "laterality", "split"] + version_col)
             if version_col and c.caption_version is None:
                 c.caption_version = next((v for v in t.column("caption_version").to_pylist()
                                           if v), None)
@@ -124,15 +130,15 @@ class RegionCorpus(IterableDataset):
     # -- raw rows ----------------------------------------------------------------------------
     def _read_unit(self, shard: int, group: int, part: int, parts: int, regions_cache: dict):
         c = self.corpus
-        name = c.shards[shard]
+        images, regions = c.shards[shard]
         cols = IMAGE_COLS + (IMAGE_CAPTIONS if c.image_captions else [])
-        t = pq.ParquetFile(c.root / "images" / name).read_row_group(group, columns=cols)
-        base = sum(pq.ParquetFile(c.root / "images" / name).metadata.row_group(i).num_rows
-                   for i in range(group))
+        pf = pq.ParquetFile(images)
+        t = pf.read_row_group(group, columns=cols)
+        base = sum(pf.metadata.row_group(i).num_rows for i in range(group))
         if shard not in regions_cache:
             regions_cache.clear()
             rcols = REGION_COLS + (REGION_CAPTIONS if c.region_captions else [])
-            rt = pq.read_table(c.root / "regions" / name, columns=rcols).to_pylist()
+            rt = [] if regions is None else pq.read_table(regions, columns=rcols).to_pylist()
             by_image: dict[str, list] = {}
             for r in rt:
                 by_image.setdefault(r["image_id"], []).append(r)

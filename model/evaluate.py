@@ -144,10 +144,17 @@ def retrieval(model, tok, e: dict, device) -> dict:
     return out
 
 
+class NothingToEvaluate(ValueError):
+    """The split holds no regions (e.g. a corpus built without test patients)."""
+
+
 def evaluate_run(run: Path, corpus: CorpusIndex, device="cpu", split: str = "test") -> tuple[str, dict]:
-    """(``region_aware`` | ``global_only``, metrics) of one run folder."""
+    """(``region_aware`` | ``global_only``, metrics) of one run folder; :class:`NothingToEvaluate`
+    when ``split`` has no regions."""
     model, tok, cfg = load_run(run, device)
     e = embed_split(model, tok, corpus, split, device)
+    if len(e["region"]) == 0:
+        raise NothingToEvaluate(split)
     res = zero_shot(model, tok, corpus, e, device)
     res["retrieval"] = retrieval(model, tok, e, device)
     res["run"] = str(run)

@@ -7,6 +7,8 @@ dealing per rank and its feature gathering across ranks are unchanged. Checkpoin
 run's own (``RUN/ckpt/last.pt``, written by rank 0): on a multi-node cluster ``RUN`` must be on
 storage every node sees. When a worker dies, Ray restarts the whole group (up to
 ``max_failures`` times) and the loop resumes from the last checkpoint this launch wrote.
+Before anything is launched or deleted, :func:`check_cluster_gpus` compares the GPUs the ranks
+ask for with the cluster's (Ray would otherwise wait for them forever).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from model.checkpoint import ckpt_path
+from model.checkpoint import RUN_FILES, ckpt_path, clear_run
 from model.train import TrainOptions, train
 
 
@@ -29,18 +31,35 @@ class RayOptions:
     max_failures: int = 1  # whole-group restarts after a worker failure
 
 
+class ClusterRequestError(ValueError):
+    """The cluster cannot meet the request (too few GPUs); nothing was launched."""
+
+
+def check_cluster_gpus(ray_opts: RayOptions, device: str, resources: dict) -> None:
+    """:class:`ClusterRequestError` naming the flags when ``--ray-workers`` ranks on a cuda
+    ``device`` need more GPUs (one each) than ``resources`` (``ray.cluster_resources()``) has."""
+    have = float(resources.get("GPU", 0) or 0)
+    if device.startswith("cuda") and ray_opts.workers > have:
+        raise ClusterRequestError(
+            f"--ray-workers {ray_opts.workers} --device {device}: needs {ray_opts.workers} "
+            f"GPUs (one per rank); the cluster at --address {ray_opts.address} has {have:g}")
+
+
 def _loop(config: dict) -> None:
-    """Per-worker entry point: resume when this launch already checkpointed (a restart)."""
+    """Per-worker entry point: resume when this launch already wrote run files (a restart of
+    the worker group; from its checkpoint when there is one)."""
     opts: TrainOptions = config["opts"]
     torch.set_num_threads(max(1, int(config["threads"])))
-    ckpt = ckpt_path(opts.out)
-    restarted = ckpt.exists() and ckpt.stat().st_mtime >= config["launched"]
+    written = [opts.out / name for name in RUN_FILES if (opts.out / name).exists()]
+    restarted = any(p.stat().st_mtime >= config["launched"] for p in written)
     train(replace(opts, resume=opts.resume or restarted))
 
 
 def train_on_ray(opts: TrainOptions, ray_opts: RayOptions) -> dict:
     """Run :func:`model.train.train` on ``ray_opts.workers`` Ray Train workers; the same summary
-    dict as ``train``. Starts (and stops) an embedded Ray for ``address="local"``."""
+    dict as ``train``. Starts (and stops) an embedded Ray for ``address="local"``. Checks the
+    cluster's GPUs (:func:`check_cluster_gpus`), then, for ``opts.overwrite``, deletes the
+    earlier run (here, once; the workers never delete)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -55,7 +74,11 @@ def train_on_ray(opts: TrainOptions, ray_opts: RayOptions) -> dict:
     elif started:
         ray.init(address=ray_opts.address, runtime_env=env)
     try:
+        check_cluster_gpus(ray_opts, opts.device, ray.cluster_resources())
         out = opts.out.resolve()
+        if opts.overwrite:
+            clear_run(out)
+            opts = replace(opts, overwrite=False)
         out.mkdir(parents=True, exist_ok=True)
         gpu = opts.device.startswith("cuda")
         trainer = TorchTrainer(

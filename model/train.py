@@ -31,7 +31,9 @@ from torch.utils.data import DataLoader
 
 from model import captions as cap
 from model.checkpoint import (
+    check_run_folder,
     ckpt_path,
+    clear_run,
     data_states,
     load_checkpoint,
     pack_data_state,
@@ -60,7 +62,8 @@ class TrainOptions:
     device: str = "cpu"
     batch: int | None = None
     accum: int | None = None
-    resume: bool = False
+    resume: bool = False  # continue the run in ``out`` (from its checkpoint, if it has one)
+    overwrite: bool = False  # delete the run in ``out`` and start over (else: refused)
     text_weights: Path | None = None
     image_weights: Path | None = None
     seed: int = 0
@@ -180,6 +183,16 @@ def make_loader(corpus: CorpusIndex, cfg: RunConfig, tok, rank: int, world: int,
                       generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
+def _claim_run(opts: TrainOptions, rank: int) -> None:
+    """Refuse an earlier run in ``opts.out`` unless it is resumed or overwritten: every rank
+    checks before any rank writes (the barrier), then rank 0 deletes it for ``overwrite``."""
+    check_run_folder(opts.out, opts.resume, opts.overwrite)
+    if dist.is_initialized():
+        dist.barrier()
+    if opts.overwrite and rank == 0:
+        clear_run(opts.out)
+
+
 def _run_setup(opts: TrainOptions, rank: int) -> tuple[RunConfig, dict | None, bool]:
     """(config, checkpoint or None, resuming?) of the run; seeds set, config.json written."""
     resume = opts.resume and ckpt_path(opts.out).exists()
@@ -213,6 +226,7 @@ def _model_and_optimizer(cfg: RunConfig, vocab: int, device: torch.device,
 def train(opts: TrainOptions) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rank, world, device = setup_distributed(opts.device)
+    _claim_run(opts, rank)
     cfg, ckpt, resume = _run_setup(opts, rank)
     corpus = CorpusIndex.open(opts.corpus)
     tok = build_tokenizer(corpus, cfg, opts.out, rank)

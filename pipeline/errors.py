@@ -1,10 +1,18 @@
-"""The one exception type of the ingest pipeline.
+"""The one exception type of the ingest pipeline, and the table of reason codes.
 
-``IngestError`` carries a machine-readable ``reason`` code (it becomes the ``reason`` column of
-the ``files`` table) and a human ``problem`` text. ``str(err)`` names the file and the problem so
-that a user calling :func:`pipeline.ingest.read.read_volume` directly sees which file failed; the
-pipeline itself never writes ``str(err)`` anywhere: it records ``reason`` and ``problem`` next to
-the keyed hash of the path, because a path may carry PHI (folder names are often patient names).
+An error is a code, never a quotation. ``IngestError`` carries a ``reason`` (a key of
+:data:`REASONS`: the ``reason`` column of the ``files`` table) and an optional ``detail``: a
+string literal written in the code that names which check failed ("RTSTRUCT has no
+CLOSED_PLANAR contour"), never text built from values. Nothing read from a file or its path
+(names, UIDs, header values, shapes, library exception texts that echo them) is ever put into
+an error: folder names are often patient names, and header fields hold whatever a scanner or a
+person typed. ``tests/pipeline/test_errors.py`` walks the code base and fails on any
+``IngestError`` whose detail is not a literal, and on any log call that formats a value.
+
+What is persisted (the ``files.error`` column) is :attr:`IngestError.message`: ``detail`` or
+the reason's fixed text. ``str(err)`` additionally names the path, for a user who called
+:func:`pipeline.ingest.read.read_volume` on their own file; the pipeline never writes
+``str(err)`` anywhere, and the path does not survive pickling (``__reduce__``).
 """
 
 from __future__ import annotations
@@ -43,6 +51,12 @@ REASONS = {
     "excess_frames": "more frames in pixel data than NumberOfFrames declares",
     "encoding": "text could not be decoded in the declared character set",
     "recursion": "pathologically nested sequences",
+    "filesystem": "the operating system refused an operation on this path (loop, permission, "
+                  "vanished, unencodable name)",
+    "bad_scaling": "rescale slope/intercept not finite, or not finite in the pixel type they make",
+    "no_signal": "no finite voxel, or every voxel equal",
+    "out_of_memory": "the unit's worker was killed for lack of memory (not a fault of the file); "
+                     "left for a rerun with more memory",
     "internal": "unexpected error in the pipeline (a bug: please report)",
 }
 
@@ -57,19 +71,33 @@ class IngestError(Exception):
 
     Attributes:
         reason: a key of :data:`REASONS`.
-        problem: what is wrong, without the path.
-        path: the offending file or folder (only ever shown to the caller, never persisted).
+        detail: optional sub-cause, a string literal from the code (never built from values).
+        path: the offending file or folder (only ever shown to the caller, never persisted,
+            dropped when the error is pickled).
     """
 
-    def __init__(self, reason: str, problem: str, path: object = None):
+    def __init__(self, reason: str, detail: str | None = None, path: object = None):
         if reason not in REASONS:
-            raise ValueError(f"unknown reason code {reason!r}")
+            raise ValueError(f"unknown reason code {reason!r}")  # a bug in the code
+        if detail is not None and not isinstance(detail, str):
+            raise TypeError("IngestError detail must be a string literal")
         self.reason = reason
-        self.problem = problem
+        self.detail = detail
         self.path = path
-        where = f"{path}: " if path is not None else ""
-        super().__init__(f"{where}{problem} [{reason}]")
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        """The persisted text (``files.error``): the literal detail, else the reason's text."""
+        return self.detail or REASONS[self.reason]
+
+    # The name earlier callers used for the persisted text.
+    problem = message
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path is not None else ""
+        return f"{where}{self.message} [{self.reason}]"
 
     def __reduce__(self):
-        # Crosses process boundaries without its path: only reason and problem travel.
-        return (IngestError, (self.reason, self.problem, None))
+        # Crosses process boundaries without its path: only reason and literal detail travel.
+        return (IngestError, (self.reason, self.detail))

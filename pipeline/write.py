@@ -1,12 +1,19 @@
-"""The corpus format: table schemas, exactly-once shard commits, the manifest, committed rows.
+"""The corpus format: table schemas, exactly-once shard commits, the manifest, committed files.
 
-Every table is written against one schema constant below (tests import them). A shard k is
-committed by writing each table file to a temporary name, fsync, rename to
-``DIR/<table>/shard-XXXXX.parquet``, and writing ``DIR/_commits/shard-XXXXX.json`` last (row
-counts and sha256 of every file). ``manifest.json`` is rewritten atomically by the build (at
-most every few seconds while shards commit, and once at the end; see
-``pipeline.run.build``) and lists only committed shards. A shard with no marker is not
-committed and is redone. :func:`read_table` reads the committed rows of one table.
+Every table is written against one schema constant below (tests import them). A shard is
+committed by writing each non-empty table file to a temporary name, fsync, rename to
+``DIR/<table>/<shard>.parquet`` (``<shard>.rN.parquet`` for the N-th rebuild of a shard), and
+writing ``DIR/_commits/<shard>.json`` last: per table its row count and, when it has rows, its
+file and sha256 (an empty table has no file); the unit keys it covers; its status counts. A
+rebuilt shard's new marker replaces the old one in one rename, and only then are the old
+files deleted: a reader sees one attempt or the other, never both. A shard with no marker is
+not committed and is redone.
+
+``manifest.json`` (the markers' summary, rewritten atomically by the build and by compaction)
+is what readers trust: :func:`committed_files` gives a table's committed files from it, and
+every reader (trainer, evaluator, catalogs, checks) uses it, never a glob over a table folder.
+``README.md`` (a dataset card whose ``configs:`` list the same files, for Hugging Face
+``datasets``) is rewritten with it.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -57,6 +65,7 @@ SERIES_SCHEMA = pa.schema([
     ("inverted_monochrome1", pa.bool_()),
     ("color_to_luminance", pa.bool_()),
     ("geometry_known", pa.bool_()),
+    ("resampled", pa.string()),
     ("deid_key_id", pa.string()),
 ])
 
@@ -183,9 +192,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_table(path: Path, rows: list[dict], table: str) -> dict:
-    """Write ``rows`` as one Parquet file (zstd) against ``SCHEMAS[table]``, atomically."""
-    schema = SCHEMAS[table]
-    data = pa.Table.from_pylist(rows, schema=schema)
+    """Write ``rows`` as one Parquet file (zstd) against ``SCHEMAS[table]``, atomically →
+    {rows, sha256, file}. No rows: no file (``path`` removed if an unfinished attempt left
+    one) → {rows: 0}."""
+    if not rows:
+        path.unlink(missing_ok=True)
+        return {"rows": 0}
+    data = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(data, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS[table],
@@ -201,38 +214,144 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
 
 
-def commit_shard(out: Path, name: str, tables: dict[str, list[dict]],
-                 stats: dict | None = None) -> dict:
-    """Write every table of shard ``name`` and then its commit marker. Returns the marker.
+def shard_number(name: str) -> int | None:
+    """k of ``shard-XXXXX`` (None for discovery and compact shards)."""
+    head, _, digits = name.partition("-")
+    return int(digits) if head == "shard" and digits.isdigit() else None
+
+
+def table_file(out: Path, table: str, name: str, attempt: int = 0) -> Path:
+    """Where attempt ``attempt`` of shard ``name`` writes ``table``."""
+    return out / table / (f"{name}.parquet" if attempt == 0 else f"{name}.r{attempt}.parquet")
+
+
+def unit_digest(file_keys: Iterable[str]) -> str:
+    """Key of a unit's set of files (its file keys, sorted): a changed set changes it."""
+    return hashlib.sha256("\n".join(sorted(file_keys)).encode()).hexdigest()[:16]
+
+
+def commit_shard(out: Path, name: str, tables: dict[str, list[dict]], stats: dict | None = None,
+                 units: dict[str, str] | None = None, attempt: int = 0,
+                 supersedes: Iterable[str] = ()) -> dict:
+    """Write every table of shard ``name`` (attempt ``attempt``), then its commit marker, then
+    delete ``supersedes`` (files of the attempt this one replaces, relative to ``out``).
+    ``units``: unit key → :func:`unit_digest` of the units it covers. Returns the marker.
     When ``stats`` has ``stage_s``, the seconds spent writing the tables join it as ``commit``."""
     t0 = time.perf_counter()
-    files = {t: write_table(out / t / f"{name}.parquet", rows, t) for t, rows in tables.items()}
+    files = {t: write_table(table_file(out, t, name, attempt), rows, t)
+             for t, rows in tables.items()}
     stats = dict(stats or {})
     if "stage_s" in stats:
         stats["stage_s"] = {**stats["stage_s"], "commit": round(time.perf_counter() - t0, 3)}
-    marker = {"shard": name, "tables": files, "stats": stats}
+    marker = {"shard": name, "attempt": attempt, "tables": files, "stats": stats,
+              "units": dict(sorted((units or {}).items()))}
     (out / "_commits").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "_commits" / f"{name}.json", json.dumps(marker, indent=1).encode())
+    keep = {info.get("file") for info in files.values()}
+    for rel in supersedes:
+        if rel not in keep:
+            (out / rel).unlink(missing_ok=True)
     return marker
 
 
+def marker_files(marker: dict) -> list[str]:
+    """Files (relative to the corpus) of a marker or manifest shard entry; empty tables have none."""
+    return [info["file"] for info in marker.get("tables", {}).values() if info.get("file")]
+
+
 def committed_shards(out: Path) -> tuple[dict[str, dict], set[str]]:
-    """(markers of shards whose files all exist, names of shards a compaction replaced).
+    """(markers of shards whose files all exist, names of shards a compaction replaced): the
+    writer's view, from ``_commits/`` (readers use :func:`committed_files`).
 
     A marker is written only after its files. A compact shard's marker (catalogs.jobs) lists
     the shards it ``replaces``: they count as committed and leave the set of markers."""
     done = {}
     for marker_path in sorted((out / "_commits").glob("*.json")):
         marker = json.loads(marker_path.read_text())
-        ok = all((out / info["file"]).exists() for info in marker["tables"].values())
-        if ok:
+        if all((out / f).exists() for f in marker_files(marker)):
             done[marker["shard"]] = marker
     replaced = {s for m in done.values() for s in m.get("replaces", ())}
     return {k: m for k, m in done.items() if k not in replaced}, replaced
 
 
+def marker_units(out: Path, marker: dict) -> dict[str, str]:
+    """Unit key → :func:`unit_digest` a committed shard covers: its marker's ``units``, or (a
+    marker written before markers listed them) derived from its committed files table."""
+    if "units" in marker:
+        return marker["units"]
+    info = marker.get("tables", {}).get("files", {})
+    if not info.get("file"):
+        return {}
+    rows = pq.read_table(out / info["file"], columns=["unit_key", "file_key"]).to_pylist()
+    keys: dict[str, list[str]] = {}
+    for r in rows:
+        if r["unit_key"] is not None:
+            keys.setdefault(r["unit_key"], []).append(r["file_key"])
+    return {k: unit_digest(v) for k, v in sorted(keys.items())}
+
+
+def read_manifest(corpus: Path) -> dict:
+    """``corpus/manifest.json``; ValueError when there is none (not a corpus, or no shard
+    committed yet)."""
+    path = Path(corpus) / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{corpus}: no manifest.json (not a corpus written by build-corpus, "
+                         "or the build has not committed a shard yet)")
+    return json.loads(path.read_text())
+
+
+def committed_tables(corpus: Path, manifest: dict | None = None) -> dict[str, dict[str, Path]]:
+    """Committed shard name → {table: file} (tables with rows only), in shard-name order, from
+    the manifest (``manifest``, else ``corpus/manifest.json``). A shard some listed compact
+    shard ``replaces`` is left out; a file listed nowhere is never returned."""
+    corpus = Path(corpus)
+    shards = (read_manifest(corpus) if manifest is None else manifest).get("shards", {})
+    replaced = {s for m in shards.values() for s in m.get("replaces", ())}
+    return {name: {t: corpus / info["file"] for t, info in shards[name].get("tables", {}).items()
+                   if info.get("file")}
+            for name in sorted(shards) if name not in replaced}
+
+
+def committed_files(corpus: Path, table: str, manifest: dict | None = None) -> list[Path]:
+    """The committed files of ``table``, in shard-name order: the one list every reader of a
+    corpus uses (see :func:`committed_tables`)."""
+    return [files[table] for files in committed_tables(corpus, manifest).values()
+            if table in files]
+
+
+CARD_TABLES = ("images", "regions", "series", "files")
+CARD_SPLIT = "corpus"  # each config's one split: all rows (their ``split`` column: train/val/test)
+
+
+def dataset_card(manifest: dict) -> str:
+    """``README.md`` for Hugging Face ``datasets``: one config per table listing its committed
+    files (``load_dataset(DIR, "regions")``); tables without rows are left out."""
+    lines = ["---", "configs:"]
+    for table in CARD_TABLES:
+        files = committed_files(Path("."), table, manifest)
+        if files:
+            lines += [f"- config_name: {table}", "  data_files:", f"  - split: {CARD_SPLIT}",
+                      "    path:", *(f"    - {f.as_posix()}" for f in files)]
+    lines += ["---", "", "# Region-level corpus (build-corpus)", "",
+              "Written by `build-corpus`; this card is rewritten with `manifest.json` and lists "
+              "the same committed files.", "",
+              "```python", "import datasets",
+              'regions = datasets.load_dataset(CORPUS_DIR, "regions", split="corpus")',
+              'images = datasets.load_dataset(CORPUS_DIR, "images", split="corpus")',
+              "train = regions.filter(lambda r: r['split'] == 'train')", "```", "",
+              f"The one split, `{CARD_SPLIT}`, holds every row; each row's `split` column "
+              "(train / val / test, per de-identified patient) is the split to use. Columns: "
+              "docs/schema.md.", ""]
+    if not any(line.startswith("- config_name") for line in lines):
+        lines[1] = "configs: []"
+    return "\n".join(lines)
+
+
 def write_manifest(out: Path, manifest: dict) -> None:
-    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    """``manifest.json`` atomically, then the dataset card ``README.md`` from it."""
+    atomic_write_bytes(out / "manifest.json",
+                       json.dumps(manifest, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(out / "README.md", dataset_card(manifest).encode())
 
 
 def remove_stale_temporaries(out: Path) -> int:
@@ -248,12 +367,8 @@ def remove_stale_temporaries(out: Path) -> int:
 
 
 def read_table(corpus: Path, table: str, columns: list[str] | None = None) -> list[dict]:
-    """Rows of ``corpus/<table>`` (committed shards only when the corpus has commit markers)."""
-    if (corpus / "_commits").is_dir():
-        files = sorted(corpus / info["tables"][table]["file"]
-                       for info in committed_shards(corpus)[0].values() if table in info["tables"])
-    else:
-        files = sorted((corpus / table).glob("*.parquet"))
+    """Rows of ``table`` in the committed files of ``corpus`` (:func:`committed_files`)."""
+    files = committed_files(Path(corpus), table)
     if not files:
         return []
     tables = [pq.read_table(f) for f in files]

@@ -78,7 +78,7 @@ def plain_loop(src: Path, out: Path, cv2_threads: int | None = None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.run.build import quiet_libraries
+    from pipeline.run.execute import quiet_libraries
     from pipeline.run.unit import process_unit
     from pipeline.write import IMAGES_SCHEMA, REGIONS_SCHEMA
 

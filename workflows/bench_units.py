@@ -27,7 +27,7 @@ import cv2
 
 def run(patients: int, matrix: int, units: int, rounds: int, work: Path) -> dict:
     from pipeline.phantoms.studies import make_phantoms
-    from pipeline.run.build import quiet_libraries
+    from pipeline.run.execute import quiet_libraries
     from pipeline.run.unit import process_unit
     from workflows.bench_corpus import unit_tasks
 

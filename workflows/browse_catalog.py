@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-captions", action="store_true",
                    help="re-derive caption facts from masks, geometry and pixels; exit 1 on "
                    "any disagreement")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON instead")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document instead of tables: the summary, the sample and "
+                   "each requested check's result")
     return p
 
 
@@ -126,17 +128,26 @@ def open_corpus(cfg: BrowseConfig) -> Corpus:
 
 def browse(cfg: BrowseConfig) -> int:
     """Print the summary and sample, run the requested checks, write the gallery. Exit status
-    0, or 1 when a check (--check-leakage, --verify-captions) finds a problem."""
+    0, or 1 when a check (--check-leakage, --verify-captions) finds a problem. With --json,
+    stdout is one JSON document (the summary's keys, plus ``sample`` and one key per check
+    and the gallery); the tables are not printed."""
     corpus = open_corpus(cfg)
     try:
         if cfg.as_json:
-            print(json.dumps(corpus.summary(), indent=1))
-        else:
-            _print_summary(corpus, cfg.where)
+            doc = corpus.summary()
+            doc["sample"] = _sample(corpus, cfg)[1].to_dicts()
+            status, checks = _run_checks(corpus, cfg)
+            doc.update(_checks_json(checks))
+            if cfg.html:
+                doc["gallery"] = str(_write_gallery(corpus, cfg))
+            print(json.dumps(doc, indent=1, default=str))
+            return status
+        _print_summary(corpus, cfg.where)
         _print_sample(corpus, cfg)
-        status = _run_checks(corpus, cfg)
+        status, checks = _run_checks(corpus, cfg)
+        _print_checks(checks, cfg.max_distance)
         if cfg.html:
-            _write_gallery(corpus, cfg)
+            print(f"\ngallery: {_write_gallery(corpus, cfg)}")
     except (CorpusError, pl.exceptions.PolarsError) as e:  # e.g. a type error only seen on data
         if cfg.where is None:
             raise UsageError(f"DIR {cfg.dir}: unreadable corpus ({type(e).__name__})") from None
@@ -171,69 +182,89 @@ def _print_summary(corpus: Corpus, where: str | None) -> None:
            corpus.region_stats(where=where).drop("area_mm2_sum", "area_mm2_median"))
 
 
-def _print_sample(corpus: Corpus, cfg: BrowseConfig) -> None:
+def _sample(corpus: Corpus, cfg: BrowseConfig) -> tuple[int, pl.DataFrame]:
+    """(regions matching --where, the deterministic sample of them: SAMPLE_COLUMNS)."""
     lf = corpus.filter(cfg.where) if cfg.where is not None else corpus.regions_with_images()
     matching = int(lf.select(pl.len()).collect().item())
     n = cfg.limit if cfg.limit is not None else 10
     sample = corpus.sample(n, seed=cfg.seed, where=cfg.where)
-    cols = [c for c in SAMPLE_COLUMNS if c in sample.columns]
+    return matching, sample.select([c for c in SAMPLE_COLUMNS if c in sample.columns])
+
+
+def _print_sample(corpus: Corpus, cfg: BrowseConfig) -> None:
+    matching, sample = _sample(corpus, cfg)
     _table(f"sample of {sample.height} of {matching} matching regions"
-           + (f" where {cfg.where}" if cfg.where else ""), sample.select(cols))
+           + (f" where {cfg.where}" if cfg.where else ""), sample)
 
 
-def _run_checks(corpus: Corpus, cfg: BrowseConfig) -> int:
-    """The requested corpus checks; 1 when one of them fails, else 0."""
-    status = 0
-    if cfg.check_leakage and not _check_leakage(corpus):
-        status = 1
+def _run_checks(corpus: Corpus, cfg: BrowseConfig) -> tuple[int, dict]:
+    """The requested corpus checks: (1 when one of them fails, else 0; {check: result}) with
+    results ``leakage`` (dict), ``near_duplicates`` (DataFrame), ``caption_check`` (dict).
+    A failure is also said on stderr."""
+    from catalogs.verify import check_leakage, near_duplicates, verify_captions
+
+    status, out = 0, {}
+    if cfg.check_leakage:
+        out["leakage"] = check_leakage(corpus)
+        if not out["leakage"]["ok"]:
+            print("browse-catalog: LEAK: patients or identical images span splits",
+                  file=sys.stderr)
+            status = 1
     if cfg.near_duplicates:
-        _print_near_duplicates(corpus, cfg.max_distance)
-    if cfg.verify_captions and not _verify_captions(corpus):
-        status = 1
-    return status
+        out["near_duplicates"] = near_duplicates(corpus, max_distance=cfg.max_distance)
+    if cfg.verify_captions:
+        out["caption_check"] = verify_captions(corpus)
+        if not out["caption_check"]["ok"]:
+            print("browse-catalog: captions disagree with the re-derived facts", file=sys.stderr)
+            status = 1
+    return status, out
 
 
-def _check_leakage(corpus: Corpus) -> bool:
-    from catalogs.verify import check_leakage
-
-    report = check_leakage(corpus)
-    print("\n## leakage")
-    print(json.dumps(report, indent=1))
-    if not report["ok"]:
-        print("browse-catalog: LEAK: patients or identical images span splits", file=sys.stderr)
-    return bool(report["ok"])
+def _near_duplicate_rows(pairs: pl.DataFrame) -> pl.DataFrame:
+    return pairs.select("image_id_a", "image_id_b", "distance", "split_a", "split_b",
+                        "same_patient").head(50)
 
 
-def _print_near_duplicates(corpus: Corpus, max_distance: int) -> None:
-    from catalogs.verify import near_duplicates
-
-    pairs = near_duplicates(corpus, max_distance=max_distance)
-    cross = int(pairs["cross_split"].sum()) if pairs.height else 0
-    _table(f"near-duplicate image pairs (pHash, <= {max_distance} bits): "
-           f"{pairs.height}, of which {cross} across splits",
-           pairs.select("image_id_a", "image_id_b", "distance", "split_a", "split_b",
-                        "same_patient").head(50))
-
-
-def _verify_captions(corpus: Corpus) -> bool:
-    from catalogs.verify import verify_captions
-
-    report = verify_captions(corpus)
-    print("\n## caption check")
-    print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=1))
-    for problem in report["problems"][:10]:
-        print("  disagreement:", json.dumps(problem, default=str)[:300])
-    if not report["ok"]:
-        print("browse-catalog: captions disagree with the re-derived facts", file=sys.stderr)
-    return bool(report["ok"])
+def _checks_json(checks: dict) -> dict:
+    """The check results as JSON-ready values (the first 50 near-duplicate pairs, the first 10
+    caption disagreements)."""
+    out = dict(checks)
+    if "near_duplicates" in checks:
+        pairs = checks["near_duplicates"]
+        out["near_duplicates"] = {
+            "pairs": pairs.height,
+            "cross_split": int(pairs["cross_split"].sum()) if pairs.height else 0,
+            "first_pairs": _near_duplicate_rows(pairs).to_dicts()}
+    if "caption_check" in checks:
+        report = checks["caption_check"]
+        out["caption_check"] = {**{k: v for k, v in report.items() if k != "problems"},
+                                "problems": report["problems"][:10]}
+    return out
 
 
-def _write_gallery(corpus: Corpus, cfg: BrowseConfig) -> None:
+def _print_checks(checks: dict, max_distance: int) -> None:
+    if "leakage" in checks:
+        print("\n## leakage")
+        print(json.dumps(checks["leakage"], indent=1))
+    if "near_duplicates" in checks:
+        pairs = checks["near_duplicates"]
+        cross = int(pairs["cross_split"].sum()) if pairs.height else 0
+        _table(f"near-duplicate image pairs (pHash, <= {max_distance} bits): "
+               f"{pairs.height}, of which {cross} across splits", _near_duplicate_rows(pairs))
+    if "caption_check" in checks:
+        report = checks["caption_check"]
+        print("\n## caption check")
+        print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=1))
+        for problem in report["problems"][:10]:
+            print("  disagreement:", json.dumps(problem, default=str)[:300])
+
+
+def _write_gallery(corpus: Corpus, cfg: BrowseConfig) -> Path:
+    """Write the HTML gallery to --html; the path of its index.html."""
     from catalogs.gallery import write_gallery
 
-    index = write_gallery(corpus, cfg.html, where=cfg.where, page_size=cfg.page_size,
-                          limit=cfg.limit, seed=cfg.seed)
-    print(f"\ngallery: {index}")
+    return write_gallery(corpus, cfg.html, where=cfg.where, page_size=cfg.page_size,
+                         limit=cfg.limit, seed=cfg.seed)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import BuildConfig, ExecConfig, SplitConfig
+from pipeline.config import BuildConfig, ExecConfig, RequestError, SplitConfig, local_gpus
 from pipeline.images.slicing import SliceConfig
 from pipeline.ingest.read import ReadConfig
 from pipeline.roi.regions import RegionConfig
 from pipeline.run.build import build
-from workflows.usage import run_command
+from workflows.usage import UsageError, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
     p.add_argument("--ct-windows", default="soft_tissue",
                    help="comma list of soft_tissue,lung,bone,brain")
+    p.add_argument("--keep-unknown-label-names", action="store_true",
+                   help="keep label names (RTSTRUCT ROIName, SEG SegmentLabel, label sidecars) "
+                   "that the structure vocabulary does not know instead of structure_<value>. "
+                   "RISK: hospitals write patient names, dates and IDs into these names; they "
+                   "would be copied into labels, captions and every copy of the corpus")
+    p.add_argument("--refuse-gantry-tilt", action="store_true",
+                   help="refuse tilted CT stacks (gantry_tilt) instead of resampling them onto an "
+                   "orthogonal grid (linear in-plane interpolation per slice, as dcm2niix does)")
     p.add_argument("--allow-burned-in", action="store_true",
                    help="ingest images that may carry burned-in annotations")
     p.add_argument("--min-slices", type=int, default=1, help="fewer slices → quarantined")
@@ -56,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="label components smaller than this are dropped as fragments")
     p.add_argument("--min-mask-score", type=float, default=0.0,
                    help="drop segmenter masks whose predicted IoU is below this")
-    p.add_argument("--device", default="cpu", help="model stage device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu",
+                   help="model stage device: cpu, cuda, cuda:N, mps, or auto (cuda when this "
+                   "machine, or with --address the cluster, has a GPU; else cpu); checked "
+                   "before any work")
     p.add_argument("--caption-seed", type=int, default=0, help="caption phrasing variant seed")
     p.add_argument("--captioner", help="optional hf:LOCAL_PATH causal LM paraphraser (guarded)")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios per patient")
@@ -99,10 +110,12 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         segmenter=args.segmenter, detector=args.detector, det_conf=args.det_conf,
         det_iou=args.det_iou, min_mask_score=args.min_mask_score, device=args.device,
         box_labels=tuple(w for w in args.box_labels.split(",") if w))
-    return BuildConfig(
+    cfg = BuildConfig(
         sources=tuple(args.sources), out=args.out, key_file=args.key_file,
         collections=tuple((name, Path(path)) for name, path in args.collection),
-        read=ReadConfig(min_slices=args.min_slices, allow_burned_in=args.allow_burned_in),
+        read=ReadConfig(min_slices=args.min_slices, allow_burned_in=args.allow_burned_in,
+                        allow_unknown_label_names=args.keep_unknown_label_names,
+                        refuse_gantry_tilt=args.refuse_gantry_tilt),
         slicing=slicing, regions=regions, caption_seed=args.caption_seed,
         captioner=args.captioner, split=SplitConfig(ratios=_floats(args.split, "--split")),
         execution=ExecConfig(executor=_executor(args), address=args.address,
@@ -112,14 +125,23 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
                              unit_timeout_s=args.unit_timeout,
                              unit_memory_mb=args.unit_memory_mb),
     )
+    if args.device == "auto" and not args.address:  # a cluster's: check_cluster_gpus, once joined
+        cfg = cfg.resolved(local_gpus())
+    return cfg
 
 
 def build_and_report(cfg: BuildConfig) -> int:
-    """Build the corpus and print the run summary (JSON) and where it went."""
-    manifest = build(cfg)
+    """Build the corpus and print the run summary (JSON) and where it went. A request the
+    cluster cannot meet (found once it is joined, before any work) is a usage error."""
+    try:
+        manifest = build(cfg)
+    except RequestError as e:
+        raise UsageError(str(e)) from None
     summary = {k: manifest.get(k) for k in ("found", "ingested", "quarantined", "skipped",
-                                            "quarantined_by_reason", "rows", "timings_s",
-                                            "worker_stage_s")}
+                                            "quarantined_by_reason", "rows", "complete",
+                                            "missing_units", "changed_units",
+                                            "out_of_memory_units", "rebuilt_shards",
+                                            "timings_s", "worker_stage_s")}
     busy = sum(manifest["timings_s"].values()) or 1e-9
     summary["throughput_per_s"] = {t: round(n / busy, 1) for t, n in manifest["rows"].items()
                                    if t in ("images", "regions")}

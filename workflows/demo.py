@@ -9,12 +9,14 @@ The quick start's main job, the whole chain on the embedded default (local Ray),
   4. train-model (tiny, short) and a global-only baseline with the same budget
   5. evaluate-model on held-out patients (region-aware vs global-only)
   6. browse-catalog: summary, caption check and the HTML gallery
-It ends by printing where each result is.
+It ends by printing where each result is. Rerunning it into the same --out is refused unless
+--overwrite (then the phantoms and the two model runs are replaced; the corpus build resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,12 @@ from workflows import (
     train_model,
 )
 from workflows.sample_sources import package_sources
+from workflows.usage import usage_error
+
+# The demo's studies are synthetic, so they are keyed with this fixed demo key rather than your
+# project key: the per-patient split then comes out the same on every machine (8 patients:
+# 5 train, 1 val, 2 test), and evaluate-model always has held-out patients.
+DEMO_KEY = "regioncorpus-demo-key-14"
 
 
 def _step(title: str, fn, argv: list[str], timings: dict) -> None:
@@ -45,13 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patients", type=int, default=8, help="phantom studies")
     p.add_argument("--detector-epochs", type=int, default=4, help="YOLO epochs (short)")
     p.add_argument("--model-steps", type=int, default=320, help="train-model steps (short)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo an earlier demo in --out (replaces its phantoms and model runs)")
     args = p.parse_args(argv)
     o, t = args.out, {}
     ph, det, corpus = o / "phantoms", o / "runs" / "detector", o / "corpus"
     model, base, report, gallery = (o / "runs" / "model", o / "runs" / "global_only",
                                     o / "reports" / "evaluation.json", o / "gallery")
+    if not args.overwrite and any(d.is_dir() and any(d.iterdir()) for d in (ph, model, base)):
+        return usage_error(p.prog, ValueError(f"--out {o}: holds an earlier demo; pass "
+                                              "--overwrite to redo it, or choose a new folder"))
+    again = ["--overwrite"] if args.overwrite else []
+    os.environ["REGIONCORPUS_KEY"] = DEMO_KEY  # every step, and the processes they start
     _step("make-phantoms", make_phantoms.main,
-          ["--out", str(ph), "--patients", str(args.patients)], t)
+          ["--out", str(ph), "--patients", str(args.patients), *again], t)
     _step("train-detector", train_detector.main,
           [str(ph), "--out", str(det), "--epochs", str(args.detector_epochs), "--imgsz", "160"], t)
     _step("build-corpus", build_corpus.main,
@@ -61,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
            "--segmenter", "lite-medsam"], t)
     steps = ["--steps", str(args.model_steps)]
     _step("train-model", train_model.main,
-          ["--corpus", str(corpus), "--out", str(model), "--preset", "tiny", *steps], t)
+          ["--corpus", str(corpus), "--out", str(model), "--preset", "tiny", *steps, *again], t)
     _step("train-model --global-only", train_model.main,
           ["--corpus", str(corpus), "--out", str(base), "--preset", "tiny", "--global-only",
-           *steps], t)
+           *steps, *again], t)
     _step("evaluate-model", evaluate_model.main,
           ["--corpus", str(corpus), "--run", str(model), "--baseline", str(base),
            "--out", str(report)], t)

@@ -2,7 +2,8 @@
 
 Zero-shot classification (region label, region laterality, image labels) and retrieval
 (image↔report, region↔caption) of trained runs on the corpus's TEST split. Writes REPORT.json
-(top-level keys ``region_aware`` and ``global_only``) and REPORT.md (a table) beside it.
+(top-level keys ``region_aware`` and ``global_only``) and REPORT.md (a table) beside it. A split
+without regions (a corpus without test patients) is a usage error: nothing is written.
 
     evaluate-model --corpus data/corpus --run runs/tiny --baseline runs/tiny_global --out runs/eval.json
 """
@@ -16,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflows.usage import check_torch_device, run_command
+from workflows.usage import UsageError, check_device_here, run_command
 
 SPLITS = ("train", "val", "test")
 
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder (train-model --out)")
     p.add_argument("--baseline", type=Path, help="second run (e.g. the --global-only ablation)")
     p.add_argument("--out", type=Path, required=True, help="report JSON path")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (must exist here)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     return p
 
@@ -60,7 +61,7 @@ class EvalConfig:
             raise ValueError(f"--out {self.out}: is a folder; give the report's .json path")
         if self.split not in SPLITS:
             raise ValueError(f"--split {self.split}: expected {', '.join(SPLITS)}")
-        check_torch_device(self.device)
+        check_device_here(self.device)
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -72,14 +73,23 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def evaluate(cfg: EvalConfig) -> int:
     """Evaluate each run, write REPORT.json and REPORT.md, print the table."""
     from model.data import CorpusIndex
-    from model.evaluate import evaluate_run, markdown
+    from model.evaluate import NothingToEvaluate, evaluate_run, markdown
 
-    corpus = CorpusIndex.open(cfg.corpus)
+    try:
+        corpus = CorpusIndex.open(cfg.corpus)
+    except ValueError:
+        raise UsageError(f"--corpus {cfg.corpus}: no readable images/regions tables") from None
     report: dict = {"split": cfg.split, "corpus": str(cfg.corpus)}
     for run in (cfg.run, cfg.baseline):
         if run is None:
             continue
-        kind, res = evaluate_run(run, corpus, cfg.device, cfg.split)
+        try:
+            kind, res = evaluate_run(run, corpus, cfg.device, cfg.split)
+        except NothingToEvaluate:
+            raise UsageError(f"--split {cfg.split}: --corpus {cfg.corpus} has no regions in "
+                             f"the {cfg.split} split (no patients drawn into it); nothing to "
+                             "evaluate: pick another --split, or rebuild with build-corpus "
+                             "--split ratios that give it patients") from None
         if kind in report:
             kind = f"{kind}_2"
         report[kind] = res

@@ -4,11 +4,15 @@ Writes a deterministic collection of synthetic CT studies, one per patient, as r
 (with realistic fake identifying values) plus NIfTI label maps and ground-truth JSON:
 ``OUT/<FAMILY^GIVEN_PID>/CT_<n>/*.dcm``, ``CT_<n>_seg.nii.gz``, ``CT_<n>_seg.json`` and
 ``CT_<n>_truth.json``. The same seed gives byte-identical files. See :mod:`pipeline.phantoms.studies`.
+OUT must be empty (or new): a folder that holds anything is refused, so that studies of two
+runs never mix; --overwrite replaces an earlier collection's studies (and refuses to delete
+anything make-phantoms did not write).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ class PhantomConfig:
     seed: int = 0  # random seed, >= 0 (same seed → byte-identical files)
     matrix: int = 160  # in-plane matrix size (rows = columns), within MATRIX_RANGE
     workers: int = 1  # processes (the studies are the same for any count)
+    overwrite: bool = False  # replace the studies of an earlier run in ``out`` (else: refused)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad flag and its value."""
@@ -43,6 +48,25 @@ class PhantomConfig:
             raise ValueError(f"--workers {self.workers}: must be >= 1")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out}: exists and is not a folder")
+        self._check_out_empty()
+
+    def _check_out_empty(self) -> None:
+        """OUT new or empty; with --overwrite, holding only studies make-phantoms wrote."""
+        entries = list(self.out.iterdir()) if self.out.is_dir() else []
+        if entries and not self.overwrite:
+            raise ValueError(f"--out {self.out}: not empty; pass --overwrite to replace an "
+                             "earlier collection there, or choose a new folder")
+        if any(not _is_study(p) for p in entries):
+            raise ValueError(f"--overwrite: --out {self.out} holds files make-phantoms did not "
+                             "write; not deleting them (choose a new folder)")
+
+
+def _is_study(path: Path) -> bool:
+    """A patient folder as make-phantoms writes it (``FAMILY^GIVEN_PID``) holding only its
+    ``CT_<n>`` series and their sidecars (or, from a killed run, part of them)."""
+    if path.is_symlink() or not path.is_dir() or "^" not in path.name:
+        return False
+    return all(p.name.startswith("CT_") for p in path.iterdir())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,17 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=1,
                    help="processes (the studies are the same for any count)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the studies of an earlier run in --out (without it a "
+                   "non-empty --out is refused)")
     return p
 
 
 def config_from_args(ns: argparse.Namespace) -> PhantomConfig:
     """Map parsed flags to the typed config (the only place that sees the namespace)."""
     return PhantomConfig(out=ns.out, patients=ns.patients, seed=ns.seed, matrix=ns.matrix,
-                         workers=ns.workers)
+                         workers=ns.workers, overwrite=ns.overwrite)
 
 
 def write_phantoms(cfg: PhantomConfig) -> int:
-    """Write the studies and say where they went."""
+    """Write the studies and say where they went; for --overwrite, first delete the earlier
+    studies (validated to be all that OUT holds)."""
+    if cfg.overwrite and cfg.out.is_dir():
+        for study in cfg.out.iterdir():
+            shutil.rmtree(study)
     folders = make_phantoms(cfg.out, patients=cfg.patients, seed=cfg.seed, matrix=cfg.matrix,
                             workers=cfg.workers)
     print(f"wrote {len(folders)} phantom studies to {cfg.out}", file=sys.stderr)

@@ -64,6 +64,9 @@ class TrainConfig:
                 raise ValueError(f"SOURCE {s}: no such file or directory")
         if self.corpus is not None and not (Path(self.corpus) / "images").is_dir():
             raise ValueError(f"--corpus {self.corpus}: no images/ table there")
+        if self.corpus is not None and not (Path(self.corpus) / "manifest.json").is_file():
+            raise ValueError(f"--corpus {self.corpus}: no manifest.json (not a build-corpus "
+                             "output, or nothing committed yet)")
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {self.out}: exists and is not a folder")
         if self.classes is not None and not all(self.classes):

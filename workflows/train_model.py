@@ -4,7 +4,8 @@ Trains the region-aware CLIP (RegionMed-CLIP ROI branch + MedP-CLIP region promp
 written by build-corpus, in three progressive stages (global pairs; regions + hard negatives;
 joint). --global-only trains the ablation without the ROI branch on the same step budget.
 Launch with torchrun for DDP, or give --address for Ray Train (--address local: an embedded Ray
-on this machine). Rerun with --resume to continue a killed run.
+on this machine). Rerun with --resume to continue a killed run; an --out that holds a run is
+refused unless --resume or --overwrite (delete it and start over) is given.
 
     train-model --corpus data/corpus --out runs/tiny --preset tiny --device cpu
     train-model --corpus data/corpus --out runs/tiny_global --preset tiny --global-only
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workflows.usage import check_torch_device, run_command
+from workflows.usage import UsageError, check_device_here, check_torch_device, run_command
 
 if TYPE_CHECKING:
     from model.ray_train import RayOptions
@@ -41,11 +42,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="tiny | base (model/presets/NAME.json) or a preset JSON file path")
     p.add_argument("--global-only", action="store_true", help="ablation: no ROI branch")
     p.add_argument("--steps", type=int, help="optimizer steps (stages rescaled); preset default")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (bf16 autocast on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (bf16 autocast on "
+                   "CUDA); must exist here, or with --address in the cluster")
     p.add_argument("--batch", type=int, help="images per micro-batch per rank")
     p.add_argument("--accum", type=int, help="gradient accumulation micro-batches")
     p.add_argument("--workers", type=int, help="DataLoader workers per rank")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN (from RUN/ckpt/last.pt when it has one)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run in RUN (checkpoint, log, tokenizer) and start over; "
+                   "without --resume or --overwrite a RUN that holds a run is refused")
     p.add_argument("--text-weights", type=Path, help="local pretrained BERT folder (+ tokenizer)")
     p.add_argument("--image-weights", type=Path, help="local ViT state-dict file")
     p.add_argument("--seed", type=int, default=0)
@@ -71,15 +77,28 @@ class TrainCommand:
     ray: RayOptions | None = None  # Ray Train launch (--address); None: here or under torchrun
 
 
+def _check_weights(args: argparse.Namespace) -> None:
+    """--text-weights: a pretrained model folder with a readable config.json; --image-weights:
+    a readable state-dict file."""
+    from pipeline.config import readable_file
+
+    text, image = args.text_weights, args.image_weights
+    if text is not None and not (text.is_dir() and readable_file(text / "config.json")):
+        what = "not found" if not text.exists() else "not a readable model folder (config.json)"
+        raise ValueError(f"--text-weights {text}: {what}")
+    if image is not None and not readable_file(image):
+        what = "not found" if not image.exists() else "not a readable state-dict file"
+        raise ValueError(f"--image-weights {image}: {what}")
+
+
 def _check_paths_and_device(args: argparse.Namespace) -> None:
-    """The checks that need no torch (so a mistyped flag is reported at once)."""
-    if not (args.corpus / "images").is_dir():
-        raise ValueError(f"--corpus {args.corpus}: no images/ folder (not a build-corpus output)")
-    for flag in ("text_weights", "image_weights"):
-        path = getattr(args, flag)
-        if path is not None and not path.exists():
-            raise ValueError(f"--{flag.replace('_', '-')} {path}: not found")
+    """The checks that need no model code (so a mistyped flag is reported at once)."""
+    if not (args.corpus / "manifest.json").is_file():
+        raise ValueError(f"--corpus {args.corpus}: no manifest.json (not a build-corpus output)")
+    _check_weights(args)
     check_torch_device(args.device)
+    if args.address in (None, "local"):  # a cluster's GPUs are checked once it is joined
+        check_device_here(args.device)
     if args.address:
         if "WORLD_SIZE" in os.environ:
             raise ValueError(f"--address {args.address}: launched by torchrun already; use one")
@@ -93,12 +112,14 @@ def config_from_args(args: argparse.Namespace) -> TrainCommand:
     """Typed, validated options from the parsed flags (the only place that sees the
     namespace): paths and device first, then the preset and numeric flags (``run_config``)."""
     _check_paths_and_device(args)
+    from model.checkpoint import check_run_folder
     from model.train import TrainOptions, run_config
 
+    check_run_folder(args.out, args.resume, args.overwrite)  # deletes nothing
     opts = TrainOptions(
         corpus=args.corpus, out=args.out, preset=args.preset, global_only=args.global_only,
         steps=args.steps, device=args.device, batch=args.batch, accum=args.accum,
-        resume=args.resume, text_weights=args.text_weights, image_weights=args.image_weights,
+        resume=args.resume, overwrite=args.overwrite, text_weights=args.text_weights, image_weights=args.image_weights,
         seed=args.seed, workers=args.workers, log_every=args.log_every,
         ckpt_every=args.ckpt_every, stop_after=args.stop_after)
     run_config(opts)  # raises ValueError naming --preset, --steps, --batch, ...
@@ -112,11 +133,16 @@ def config_from_args(args: argparse.Namespace) -> TrainCommand:
 
 
 def train_and_report(cmd: TrainCommand) -> int:
-    """Train here (or under torchrun) or on Ray Train; print the final metrics as JSON."""
+    """Train here (or under torchrun) or on Ray Train; print the final metrics as JSON. An
+    --overwrite deletes the earlier run only now, after the whole request was validated."""
     if cmd.ray is not None:
-        from model.ray_train import train_on_ray
+        from model.ray_train import ClusterRequestError, train_on_ray
 
-        print(json.dumps(train_on_ray(cmd.options, cmd.ray), indent=1))
+        try:
+            summary = train_on_ray(cmd.options, cmd.ray)
+        except ClusterRequestError as e:
+            raise UsageError(str(e)) from None
+        print(json.dumps(summary, indent=1))
         return 0
     from model.train import train
 

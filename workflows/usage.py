@@ -45,6 +45,17 @@ def check_torch_device(value: str, flag: str = "--device") -> None:
         raise ValueError(f"{flag} {value}: expected cpu, cuda, cuda:N or mps")
 
 
+def check_device_here(value: str, flag: str = "--device") -> None:
+    """:func:`check_torch_device`, then that the device exists on this machine: ``cuda`` needs
+    a CUDA device, ``cuda:N`` more than N of them, ``mps`` Metal (ValueError naming ``flag``,
+    before any work: a missing GPU otherwise fails late in a traceback, or Ray waits for it)."""
+    check_torch_device(value, flag)
+    if value != "cpu":
+        from pipeline.config import check_local_device
+
+        check_local_device(value, flag)
+
+
 def validated_config(parser: argparse.ArgumentParser,
                      to_config: Callable[[argparse.Namespace], Any],
                      argv: list[str] | None) -> tuple[Any, int | None]:

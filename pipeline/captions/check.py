@@ -18,7 +18,6 @@ with :func:`pipeline.captions.attributes.derive_attributes`, then:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -27,6 +26,7 @@ from pipeline.captions.attributes import derive_attributes, load_vocab
 from pipeline.captions.describe import fact_key, render_region, summary_and_report, with_changed
 from pipeline.captions.rewrite import states_facts
 from pipeline.images.png import decode_png
+from pipeline.write import committed_tables, read_manifest
 
 IMAGE_COLUMNS = ["image_id", "modality", "plane", "pixel_to_ras", "pixel_spacing_mm",
                  "window_min", "window_max", "slice_thickness_mm", "contrast", "body_part",
@@ -120,19 +120,20 @@ def _check_image(image, regions, vocab, tally, problems, seed: int | None = None
                      "summary": image["caption_summary"]})
 
 
-def verify_captions(corpus: str | Path, max_problems: int = 50) -> dict:
-    """Check every committed shard of ``corpus``; returns counts, rates and the first problems."""
+def verify_captions(corpus: str | Path, max_problems: int = 50,
+                    manifest: dict | None = None) -> dict:
+    """Check every committed shard of ``corpus`` (the files of ``manifest``, by default its
+    manifest.json); returns counts, rates and the first problems."""
     corpus = Path(corpus)
-    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest = read_manifest(corpus) if manifest is None else manifest
     tally = dict.fromkeys(("images", "image_captions_agree", "regions", "attributes_agree",
                            "captions_agree", "negatives", "negatives_contradict"), 0)
     problems: list[dict] = []
-    for _name, marker in sorted(manifest["shards"].items()):
-        if "images" not in marker["tables"]:
+    for files in committed_tables(corpus, manifest).values():
+        if "images" not in files:
             continue
-        images = pq.read_table(corpus / marker["tables"]["images"]["file"],
-                               columns=IMAGE_COLUMNS).to_pylist()
-        regions = pq.read_table(corpus / marker["tables"]["regions"]["file"]).to_pylist()
+        images = pq.read_table(files["images"], columns=IMAGE_COLUMNS).to_pylist()
+        regions = pq.read_table(files["regions"]).to_pylist() if "regions" in files else []
         by_image: dict[str, list] = {}
         for r in regions:
             by_image.setdefault(r["image_id"], []).append(r)

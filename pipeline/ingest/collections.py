@@ -77,6 +77,16 @@ def nifti_stem(path: Path) -> str:
     return path.stem
 
 
+def _utf8(text: str) -> bool:
+    """False for a name that is not valid UTF-8 on disk (``os`` decoded it with
+    surrogateescape): such a name cannot be a label name (its value is called label_<i>)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def merge_masks(label_paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-structure binary masks into one label map (uint16): mask i → value i + 1,
     later masks win where they overlap. Returns (label map, affine of the first mask). Raises
@@ -92,7 +102,7 @@ def merge_masks(label_paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         if out is None:
             out, affine = np.zeros(data.shape, np.uint16), img.affine
         elif data.shape != out.shape:
-            raise SourceError(f"{path.name}: shape {data.shape} differs from {out.shape}")
+            raise SourceError("a mask's shape differs from the first mask's")
         out[data > 0] = value
     return out, affine
 
@@ -153,7 +163,8 @@ class SourceLayout:
         if "values" in spec:
             return {int(k): str(v) for k, v in spec["values"].items() if int(k) != 0}
         if spec.get("from") == "mask_stems":
-            return {i: nifti_stem(p) for i, p in enumerate(mask_paths or [], start=1)}
+            stems = {i: nifti_stem(p) for i, p in enumerate(mask_paths or [], start=1)}
+            return {i: stem for i, stem in stems.items() if _utf8(stem)}
         raw = self._dataset_json(root, spec).get(spec["key"], {})
         names = {}
         if spec.get("format") == "name_to_value":

@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
@@ -36,17 +37,17 @@ DEFAULT_KEY_FILE = Path("~/.config/regioncorpus/project.key")
 
 # keyword -> (Annex E basic-profile action for this attribute, how we treat it)
 RETAINED: dict[str, tuple[str, str]] = {
-    "Modality": ("not listed", "kept"),
+    "Modality": ("not listed", "kept only as a defined term (MODALITIES), else OT"),
     "SOPClassUID": ("not listed (class, not instance)", "kept"),
-    "Manufacturer": ("not listed", "kept, reduced to [A-Za-z0-9 .-]"),
-    "BodyPartExamined": ("not listed", "kept, reduced to [A-Z0-9 ]"),
+    "Manufacturer": ("not listed", "kept only as a known vendor name (VENDORS)"),
+    "BodyPartExamined": ("not listed", "kept only as a defined term (BODY_PARTS)"),
     "SliceThickness": ("not listed", "kept"),
     "SpacingBetweenSlices": ("not listed", "kept"),
     "KVP": ("not listed", "kept"),
     "MagneticFieldStrength": ("not listed", "kept"),
     "RepetitionTime": ("not listed", "kept"),
     "EchoTime": ("not listed", "kept"),
-    "PhotometricInterpretation": ("not listed", "kept"),
+    "PhotometricInterpretation": ("not listed", "kept only as a defined term"),
     "BitsStored": ("not listed", "kept"),
     "TransferSyntaxUID": ("not listed", "kept"),
     "ContrastBolusAgent": ("D (may hold free text)", "reduced to boolean `contrast`"),
@@ -76,7 +77,11 @@ def load_key(key_file: str | os.PathLike | None = None) -> bytes:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
         os.replace(tmp, path)
-        log.warning("created a new project key at %s: keep it to reproduce pseudonyms", path)
+        # no path in the log line (rule in docs/data-governance.md): the key file is the
+        # --key-file flag, else $REGIONCORPUS_KEY_FILE, else DEFAULT_KEY_FILE
+        log.warning("created a new project key file (the --key-file / $REGIONCORPUS_KEY_FILE "
+                    "path, else ~/.config/regioncorpus/project.key): keep it to reproduce "
+                    "pseudonyms")
     key = path.read_bytes().strip()
     if len(key) < 16:
         raise ValueError(f"key file {path}: key is shorter than 16 bytes")
@@ -96,9 +101,19 @@ class Deidentifier:
     def from_env(cls, key_file: str | os.PathLike | None = None) -> Deidentifier:
         return cls(load_key(key_file))
 
-    def pseudonym(self, kind: str, value: str, n_hex: int = 24) -> str:
-        """HMAC-SHA256(key, kind + NUL + value), hex, truncated to ``n_hex`` characters."""
-        msg = kind.encode() + b"\x00" + str(value).encode("utf-8", "surrogateescape")
+    def pseudonym(self, kind: str, value: str | bytes, n_hex: int = 24) -> str:
+        """HMAC-SHA256(key, kind + NUL + value), hex, truncated to ``n_hex`` characters.
+
+        ``value`` as bytes is hashed as is (a raw file name); text is UTF-8 with
+        surrogateescape (the same bytes for a name ``os`` decoded), surrogatepass for others."""
+        if isinstance(value, bytes):
+            raw = value
+        else:
+            try:
+                raw = str(value).encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raw = str(value).encode("utf-8", "surrogatepass")
+        msg = kind.encode() + b"\x00" + raw
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:n_hex]
 
     def uid(self, value: str) -> str:
@@ -118,54 +133,128 @@ class Deidentifier:
         return (day + dt.timedelta(days=self.date_shift_days(patient_key))).strftime("%Y%m%d")
 
 
-def _num(ds, keyword: str) -> float | None:
+# Retained text is never copied: a value is kept only when it is one of the terms below (the
+# DICOM defined terms; for Manufacturer, known vendors by their first word), else dropped.
+# A hospital or a hostile file can put anything in a text element, a patient's name included.
+MODALITIES = frozenset("""
+    AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC
+    HD IO IOL IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT
+    PA PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN
+    RTSTRUCT RWV SC SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    CD CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+""".split())  # PS3.3 C.7.3.1.1.1 (current and retired)
+BODY_PARTS = frozenset("""
+    ABDOMEN ABDOMENPELVIS ADRENAL ANKLE AORTA ARM AXILLA BACK BLADDER BRAIN BREAST BRONCHUS
+    BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST CHESTABDOMEN CHESTABDPELVIS
+    CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE CTSPINE DUODENUM EAR ELBOW
+    ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FINGER FOOT GALLBLADDER HAND HEAD HEADNECK HEART
+    HIP HUMERUS IAC ILEUM ILIUM JAW JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LSPINE LSSPINE LUNG
+    MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY
+    PANCREAS PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RECTUM RIB SACRUM SCAPULA SCLERA
+    SCROTUM SHOULDER SKULL SPINE SPLEEN STERNUM STOMACH SUBMANDIBULAR TESTIS THIGH THUMB THYMUS
+    THYROID TIBIA TLSPINE TOE TONGUE TRACHEA TSPINE ULNA URETER URETHRA UTERUS VAGINA VULVA
+    WHOLEBODY WRIST ZYGOMA
+""".split())  # PS3.16 Annex L (BodyPartExamined values), compared without spaces
+VENDORS = {  # first word of Manufacturer → the name kept
+    "GE": "GE", "SIEMENS": "SIEMENS", "PHILIPS": "PHILIPS", "TOSHIBA": "TOSHIBA",
+    "CANON": "CANON", "HITACHI": "HITACHI", "FUJIFILM": "FUJIFILM", "FUJI": "FUJIFILM",
+    "AGFA": "AGFA", "CARESTREAM": "CARESTREAM", "KODAK": "KODAK", "HOLOGIC": "HOLOGIC",
+    "KONICA": "KONICA MINOLTA", "SAMSUNG": "SAMSUNG", "SHIMADZU": "SHIMADZU",
+    "ESAOTE": "ESAOTE", "MINDRAY": "MINDRAY", "UIH": "UNITED IMAGING", "UNITED": "UNITED IMAGING",
+    "NEUSOFT": "NEUSOFT", "ELEKTA": "ELEKTA", "VARIAN": "VARIAN", "ACCURAY": "ACCURAY",
+    "BRUKER": "BRUKER", "MEDISO": "MEDISO", "PICKER": "PICKER", "MARCONI": "MARCONI",
+    "ADAC": "ADAC", "ELSCINT": "ELSCINT", "IMATRON": "IMATRON", "PLANMECA": "PLANMECA",
+    "SIRONA": "SIRONA", "VATECH": "VATECH", "ZIEHM": "ZIEHM", "ALOKA": "ALOKA",
+    "PIXELMED": "PIXELMED", "GEMS": "GE", "GEHC": "GE",
+}
+PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL",
+                         "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT",
+                         "YBR_RCT", "HSV", "ARGB", "CMYK"})
+_UID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))*")  # PS3.5 9.1, at most 64 characters
+
+
+def _get(ds, keyword: str):
+    """``ds.get(keyword)``, None when absent or when pydicom cannot convert the element."""
     try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
+        return ds.get(keyword)
+    except Exception:  # pydicom converts on access and may raise anything (quoting the value)
         return None
 
 
-def _text(ds, keyword: str, upper: bool = False) -> str | None:
-    value = ds.get(keyword)
-    if value in (None, ""):
+def _num(ds, keyword: str, positive: bool = False) -> float | None:
+    """A finite number (> 0 when ``positive``), else None: text, NaN, Inf are not copied."""
+    value = _get(ds, keyword)
+    try:
+        out = None if value in (None, "") else float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
-    text = _SAFE_TEXT.sub("", str(value)).strip()[:64]
-    return (text.upper() if upper else text) or None
+    if out is None or not math.isfinite(out) or out < 0 or (positive and out == 0):
+        return None
+    return out
+
+
+def _term(ds, keyword: str, terms) -> str | None:
+    """The element's value when it is one of ``terms`` (upper case, spaces ignored for body
+    parts), else None: free text is never copied."""
+    value = _get(ds, keyword)
+    if not isinstance(value, str):
+        return None
+    text = value.strip().upper()
+    if text in terms:
+        return text
+    squeezed = text.replace(" ", "").replace("_", "")
+    return squeezed if terms is BODY_PARTS and squeezed in terms else None
+
+
+def _vendor(ds) -> str | None:
+    value = _get(ds, "Manufacturer")
+    words = _SAFE_TEXT.sub(" ", value).upper().split() if isinstance(value, str) else []
+    return VENDORS.get(words[0]) if words else None
+
+
+def _uid(ds, keyword: str) -> str | None:
+    value = _get(ds, keyword)
+    text = str(value) if value is not None else ""
+    return text if 0 < len(text) <= 64 and _UID.fullmatch(text) else None
 
 
 def patient_identity(ds) -> str:
     """The raw identity used to key a patient: PatientID (+ issuer), else the study UID."""
-    pid = str(ds.get("PatientID", "") or "").strip()
+    pid = str(_get(ds, "PatientID") or "").strip()
     if pid:
-        return pid + "|" + str(ds.get("IssuerOfPatientID", "") or "")
-    return "study:" + str(ds.get("StudyInstanceUID", "") or "unknown")
+        return pid + "|" + str(_get(ds, "IssuerOfPatientID") or "")
+    return "study:" + str(_get(ds, "StudyInstanceUID") or "unknown")
 
 
 def clean_dicom_meta(ds, deid: Deidentifier) -> dict:
-    """Retained, de-identified metadata of one DICOM header (see :data:`RETAINED`)."""
+    """Retained, de-identified metadata of one DICOM header (see :data:`RETAINED`).
+
+    Text elements are kept only as known terms (:data:`MODALITIES`, :data:`BODY_PARTS`,
+    :data:`VENDORS`, :data:`PHOTOMETRIC`), UIDs only when they are UIDs, numbers only when
+    finite and in range; anything else is left out (None; modality "OT")."""
     patient_key = deid.pseudonym("patient", patient_identity(ds))
+    meta = getattr(ds, "file_meta", None)
     return {
         "patient_key": patient_key,
-        "study_key": deid.pseudonym("study", str(ds.get("StudyInstanceUID", ""))),
-        "series_key": deid.pseudonym("series", str(ds.get("SeriesInstanceUID", ""))),
-        "frame_key": deid.pseudonym("frame", str(ds.get("FrameOfReferenceUID", ""))),
-        "modality": _text(ds, "Modality", upper=True) or "OT",
-        "sop_class_uid": str(ds.get("SOPClassUID", "")) or None,
-        "manufacturer": _text(ds, "Manufacturer"),
-        "body_part": _text(ds, "BodyPartExamined", upper=True),
-        "slice_thickness_mm": _num(ds, "SliceThickness"),
-        "kvp": _num(ds, "KVP"),
-        "field_strength_t": _num(ds, "MagneticFieldStrength"),
+        "study_key": deid.pseudonym("study", str(_get(ds, "StudyInstanceUID") or "")),
+        "series_key": deid.pseudonym("series", str(_get(ds, "SeriesInstanceUID") or "")),
+        "frame_key": deid.pseudonym("frame", str(_get(ds, "FrameOfReferenceUID") or "")),
+        "modality": _term(ds, "Modality", MODALITIES) or "OT",
+        "sop_class_uid": _uid(ds, "SOPClassUID"),
+        "manufacturer": _vendor(ds),
+        "body_part": _term(ds, "BodyPartExamined", BODY_PARTS),
+        "slice_thickness_mm": _num(ds, "SliceThickness", positive=True),
+        "kvp": _num(ds, "KVP", positive=True),
+        "field_strength_t": _num(ds, "MagneticFieldStrength", positive=True),
         "repetition_time_ms": _num(ds, "RepetitionTime"),
         "echo_time_ms": _num(ds, "EchoTime"),
-        "photometric": _text(ds, "PhotometricInterpretation", upper=True),
-        "bits_stored": _num(ds, "BitsStored"),
-        "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "") or None,
-        "contrast": bool(str(ds.get("ContrastBolusAgent", "") or "").strip()),
-        "study_date_shifted": deid.shift_date(ds.get("StudyDate", ""), patient_key),
+        "photometric": _term(ds, "PhotometricInterpretation", PHOTOMETRIC),
+        "bits_stored": _num(ds, "BitsStored", positive=True),
+        "transfer_syntax": _uid(meta, "TransferSyntaxUID") if meta is not None else None,
+        "contrast": bool(str(_get(ds, "ContrastBolusAgent") or "").strip()),
+        "study_date_shifted": deid.shift_date(_get(ds, "StudyDate") or "", patient_key),
         "deid_key_id": deid.key_id,
-        "deid_method": "PS3.15 E basic; retain-list; modified dates",
+        "deid_method": "PS3.15 E basic; retain-list; modified dates; known terms only",
     }
 
 
@@ -175,12 +264,12 @@ def burned_in_risk(ds) -> bool:
     YES → risk. Absent → risk for ultrasound, secondary capture and 'other' modalities, where
     annotations are customarily burned in.
     """
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    flag = str(_get(ds, "BurnedInAnnotation") or "").strip().upper()
     if flag == "YES":
         return True
     if flag == "NO":
         return False
-    modality = str(ds.get("Modality", "") or "").upper()
-    sop = str(ds.get("SOPClassUID", "") or "")
+    modality = str(_get(ds, "Modality") or "").upper()
+    sop = str(_get(ds, "SOPClassUID") or "")
     secondary = sop.startswith("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture family
     return modality in {"US", "SC", "OT", "XC"} or secondary

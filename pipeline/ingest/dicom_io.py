@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,18 +18,35 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from pipeline.errors import IngestError
+from pipeline.ingest.codestream import codec_family, deflated_size, frame_dims
 from pipeline.ingest.deid import burned_in_risk
+from pipeline.ingest.dicom_values import as_floats, as_int, get_value, is_uid
 
 RTSTRUCT_UID = "1.2.840.10008.5.1.4.1.1.481.3"
 SEG_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 ENHANCED_PREFIXES = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.4.1",
                      "1.2.840.10008.5.1.4.1.1.130", "1.2.840.10008.5.1.4.1.1.4.3")
+STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1."  # the composite storage SOP classes
+# Known non-image classes (checked after RTSTRUCT and SEG): never read as images, even when they
+# carry Rows/Columns or a pixel-like payload. A class is matched by prefix, so "…1.1.9" also
+# covers every waveform class "…1.1.9.x".
 NON_IMAGE_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.88",   # structured reports
-    "1.2.840.10008.5.1.4.1.1.481",  # RT objects (dose, plan, ...) except RTSTRUCT handled first
-    "1.2.840.10008.5.1.4.1.1.9",    # waveforms
-    "1.2.840.10008.5.1.4.1.1.104",  # encapsulated documents
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT objects (dose, plan, image, ...) except RTSTRUCT
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms (ECG, audio, haemodynamic, ...)
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents (PDF, CDA, STL, ...)
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, surfaces
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.4.2",  # MR spectroscopy
+    "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
+    "1.2.840.10008.5.1.4.1.1.68.",  # surface scan mesh / point cloud
+    "1.2.840.10008.5.1.4.1.1.78.",  # ophthalmic measurements
+    "1.2.840.10008.5.1.4.1.1.79.",  # ophthalmic visual field
+    "1.2.840.10008.5.1.4.1.1.200.",  # CT defined procedure protocols
+    "1.2.840.10008.5.1.4.1.1.90.",  # content assessment results
 )
+INFLATE_BUDGET = 1 << 30  # bytes a deflated data set may inflate to at the header scan
+INVALID_UID = "invalid_uid"  # the manifest key under which non-UID transfer syntaxes are counted
 
 
 @dataclass(slots=True)
@@ -76,9 +94,24 @@ def _looks_like_raw_dataset(path: Path) -> bool:
     return False
 
 
-def dcmread_safe(path: Path, stop_before_pixels: bool = False, defer_size: int | None = None):
-    """``pydicom.dcmread`` that turns every parse problem into an :class:`IngestError`."""
+def _check_inflation(path: Path, limit: int) -> None:
+    """``size_budget`` when a deflated data set inflates past ``limit`` bytes, found by
+    inflating it in bounded chunks before pydicom inflates it whole."""
+    size = deflated_size(path, limit)
+    if size is not None and size > limit:
+        raise IngestError("size_budget", "the deflated data set inflates past the byte budget",
+                          path)
+
+
+def dcmread_safe(path: Path, stop_before_pixels: bool = False, defer_size: int | None = None,
+                 inflate_budget: int = INFLATE_BUDGET):
+    """``pydicom.dcmread`` that turns every parse problem into an :class:`IngestError`.
+
+    A deflated data set is first inflated in bounded chunks and counted: past
+    ``inflate_budget`` bytes it is refused (``size_budget``) before pydicom inflates it.
+    """
     try:
+        _check_inflation(path, inflate_budget)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -89,42 +122,54 @@ def dcmread_safe(path: Path, stop_before_pixels: bool = False, defer_size: int |
                     raise
                 return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels,
                                        defer_size=defer_size, force=True)
-    except InvalidDicomError as e:
-        raise IngestError("unreadable", f"not a DICOM file ({e})", path) from None
+    except InvalidDicomError:
+        raise IngestError("unreadable", "not a DICOM file", path) from None
     except RecursionError:
         raise IngestError("recursion", "pathologically nested sequences", path) from None
-    except UnicodeDecodeError as e:
-        raise IngestError("encoding", f"undecodable text: {e.reason}", path) from None
-    except (EOFError, struct.error) as e:
-        raise IngestError("truncated", f"file ends early ({type(e).__name__})", path) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as e:
-        raise IngestError("unreadable", f"{type(e).__name__}: {e}", path) from None
+    except UnicodeError:
+        raise IngestError("encoding", "undecodable text in the header", path) from None
+    except (EOFError, struct.error):
+        raise IngestError("truncated", "file ends early", path) from None
+    except zlib.error:
+        raise IngestError("unreadable", "the deflated data set is corrupt", path) from None
+    except OSError:
+        raise IngestError("filesystem", "the file could not be opened or read", path) from None
+    except (ValueError, KeyError, TypeError, AttributeError, NotImplementedError, OverflowError,
+            IndexError, MemoryError):
+        raise IngestError("unreadable", "the DICOM data set could not be parsed", path) from None
 
 
-def _floats(value, n: int) -> tuple[float, ...] | None:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n else None
+def has_pixel_data(ds) -> bool:
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
-def _int(value, default: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
+def is_image_class(sop: str) -> bool:
+    """True for a standard storage class that pydicom's UID dictionary names "… Image Storage"
+    (CT, MR, PET, CR/DX, US, XA, NM, secondary capture, VL, ophthalmic, ...): the allow-list."""
+    return (is_uid(sop) and sop.startswith(STORAGE_PREFIX)
+            and not sop.startswith(NON_IMAGE_PREFIXES) and "Image Storage" in UID(sop).name)
 
 
-def _kind(sop: str, ds) -> str:
+def classify(sop: str, ds) -> str:
+    """"rtstruct", "seg", "image" or "other" for a data set of SOP class ``sop``.
+
+    In order: RTSTRUCT and SEG by class; a known non-image class (:data:`NON_IMAGE_PREFIXES`)
+    is "other"; an allow-listed image class (:func:`is_image_class`) is "image" even without
+    pixels (a broken image: ``no_pixel_data``); any other class (private, unknown, not a UID)
+    is "image" only when it carries pixel data and Rows and Columns.
+    """
     if sop == RTSTRUCT_UID:
         return "rtstruct"
     if sop == SEG_UID:
         return "seg"
     if sop.startswith(NON_IMAGE_PREFIXES):
         return "other"
-    storage = sop.startswith("1.2.840.10008.5.1.4.1.1.")  # image storage family
-    return "image" if "Rows" in ds or storage else "other"
+    return "image" if is_image_class(sop) else _by_content(ds)
+
+
+def _by_content(ds) -> str:
+    rows, cols = as_int(get_value(ds, "Rows"), 0), as_int(get_value(ds, "Columns"), 0)
+    return "image" if has_pixel_data(ds) and rows > 0 and cols > 0 else "other"
 
 
 def _label_reference(ds, kind: str) -> str | None:
@@ -134,7 +179,7 @@ def _label_reference(ds, kind: str) -> str | None:
         if kind == "rtstruct":
             ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
             return str(ref.RTReferencedSeriesSequence[0].SeriesInstanceUID)
-    except (AttributeError, IndexError, KeyError):
+    except Exception:  # a malformed reference is no reference
         return None
     return None
 
@@ -144,11 +189,12 @@ def read_header(path: Path) -> Header:
     ds = dcmread_safe(path, defer_size=1024)
     try:
         return header_from_dataset(ds)
-    except (RecursionError, UnicodeDecodeError) as e:
-        raise IngestError("encoding" if isinstance(e, UnicodeDecodeError) else "recursion",
-                          f"header element could not be read ({type(e).__name__})", path) from None
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise IngestError("unreadable", f"header element could not be read ({e})", path) from None
+    except RecursionError:
+        raise IngestError("recursion", "pathologically nested sequences", path) from None
+    except UnicodeError:
+        raise IngestError("encoding", "undecodable text in the header", path) from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, IndexError):
+        raise IngestError("unreadable", "a header element could not be read", path) from None
 
 
 @lru_cache(maxsize=4096)
@@ -163,25 +209,25 @@ def _shared(value):
 def header_from_dataset(ds) -> Header:
     """Build a :class:`Header` from an already-read data set."""
     meta = getattr(ds, "file_meta", None)
-    sop = _shared(str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", "")
+    sop = _shared(str(get_value(ds, "SOPClassUID") or get_value(meta, "MediaStorageSOPClassUID")
                       or ""))
-    kind = _kind(sop, ds)
-    ts = _shared(str(getattr(meta, "TransferSyntaxUID", "") or ""))
-    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    kind = classify(sop, ds)
+    ts = _shared(str(get_value(meta, "TransferSyntaxUID") or ""))
+    iop = as_floats(get_value(ds, "ImageOrientationPatient"), 6)
     iop = _shared((repr(iop), iop))[1]  # keyed by repr: -0.0 and 0.0 compare equal
-    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    ipp = as_floats(get_value(ds, "ImagePositionPatient"), 3)
     return Header(
-        kind=kind, sop_class=sop, series_uid=_shared(str(ds.get("SeriesInstanceUID", "") or "")),
-        modality=_shared(str(ds.get("Modality", "") or "OT").upper()),
-        rows=_int(ds.get("Rows"), 0), cols=_int(ds.get("Columns"), 0),
-        frames=max(1, _int(ds.get("NumberOfFrames"), 1)),
-        samples=max(1, _int(ds.get("SamplesPerPixel"), 1)),
-        bits_allocated=_int(ds.get("BitsAllocated"), 16), transfer_syntax=ts,
-        iop=iop, ipp=ipp, instance_number=_int(ds.get("InstanceNumber"), 0) or None,
+        kind=kind, sop_class=sop,
+        series_uid=_shared(str(get_value(ds, "SeriesInstanceUID") or "")),
+        modality=_shared(str(get_value(ds, "Modality") or "OT").upper()),
+        rows=as_int(get_value(ds, "Rows"), 0), cols=as_int(get_value(ds, "Columns"), 0),
+        frames=max(1, as_int(get_value(ds, "NumberOfFrames"), 1)),
+        samples=max(1, as_int(get_value(ds, "SamplesPerPixel"), 1)),
+        bits_allocated=as_int(get_value(ds, "BitsAllocated"), 16), transfer_syntax=ts,
+        iop=iop, ipp=ipp, instance_number=as_int(get_value(ds, "InstanceNumber"), 0) or None,
         referenced_series=_label_reference(ds, kind),
         enhanced=sop.startswith(ENHANCED_PREFIXES) or "PerFrameFunctionalGroupsSequence" in ds,
-        has_pixels=any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
-        burned_in=burned_in_risk(ds),
+        has_pixels=has_pixel_data(ds), burned_in=burned_in_risk(ds),
     )
 
 
@@ -190,19 +236,42 @@ def check_budget(header: Header, budget_bytes: int, path: object = None) -> None
     if header.kind == "image" and (header.rows <= 0 or header.cols <= 0):
         raise IngestError("unreadable", "image without Rows/Columns", path)
     if header.declared_bytes > budget_bytes:
-        raise IngestError(
-            "size_budget",
-            f"declared {header.rows}x{header.cols}x{header.frames} frames x{header.samples} "
-            f"samples = {header.declared_bytes / 2**20:.0f} MiB exceeds the "
-            f"{budget_bytes / 2**20:.0f} MiB budget",
-            path,
-        )
+        raise IngestError("size_budget", "declared decoded size exceeds the file byte budget",
+                          path)
+
+
+def check_codestream(ds, header: Header, budget_bytes: int, path: object = None) -> None:
+    """``size_budget`` before decoding when a compressed frame's own codestream (JPEG SOF,
+    JPEG-LS SOF55, JPEG 2000 SIZ) declares more pixels than the header's frame, or the frames
+    together would decode to more than ``budget_bytes``. Uncompressed data passes."""
+    from pydicom.encaps import generate_fragmented_frames
+
+    pixel_data = get_value(ds, "PixelData")
+    if codec_family(header.transfer_syntax) is None or not isinstance(pixel_data,
+                                                                      (bytes, bytearray)):
+        return
+    frame_pixels, total = header.rows * header.cols * header.samples, 0
+    try:
+        frames = [f[0] for f in generate_fragmented_frames(pixel_data,
+                                                           number_of_frames=header.frames) if f]
+    except Exception:  # broken encapsulation: the decoder refuses it with its own code
+        return
+    for data in frames:
+        dims = frame_dims(bytes(data[:1 << 16]), header.transfer_syntax)
+        if dims is None:
+            continue
+        total += dims.decoded_bytes
+        if dims.pixels > frame_pixels or total > budget_bytes:
+            raise IngestError("size_budget", "the compressed frame declares more pixels than "
+                              "the header or the byte budget allows", path)
 
 
 def decoder_available(transfer_syntax: str) -> bool:
     """True when an installed pydicom pixel decoder handles ``transfer_syntax``."""
     from pydicom.pixels import get_decoder
 
+    if not is_uid(transfer_syntax):
+        return False
     uid = UID(transfer_syntax)
     if not uid.is_transfer_syntax:
         return False
@@ -215,9 +284,16 @@ def decoder_available(transfer_syntax: str) -> bool:
 
 
 def missing_decoders(transfer_syntaxes) -> dict[str, str]:
-    """Transfer syntaxes (UID → name) in the run that no installed decoder can handle."""
+    """Transfer syntaxes (UID → name) in the run that no installed decoder can handle.
+
+    Only a syntactically valid UID becomes a key (with pydicom's name for it, or the UID itself
+    when unknown); any other value (text a file put there) is counted under :data:`INVALID_UID`
+    with a fixed name, so nothing but a UID reaches the manifest.
+    """
     out = {}
     for ts in sorted(set(t for t in transfer_syntaxes if t)):
-        if not decoder_available(ts):
+        if not is_uid(ts):
+            out[INVALID_UID] = "not a valid transfer syntax UID"
+        elif not decoder_available(ts):
             out[ts] = UID(ts).name
     return out

@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISLNK, S_ISREG
 
 from pipeline.errors import IngestError
 from pipeline.ingest.deid import Deidentifier
@@ -32,6 +33,11 @@ SEG_RE = re.compile(r"_seg\.nii(\.gz)?$", re.IGNORECASE)
 CHANNEL_RE = re.compile(r"_\d{4}$")
 NOT_DICOM_SUFFIXES = (".txt", ".md", ".csv", ".json", ".xml", ".html", ".py", ".icc", ".dump",
                       ".png", ".jpg", ".jpeg", ".pdf", ".yaml", ".yml", ".log")
+# What a path operation may raise: OSError (vanished, permission, ELOOP, ENAMETOOLONG, ...),
+# RuntimeError (``Path.resolve`` on a symlink loop before Python 3.13) and UnicodeError (a name
+# that is not UTF-8 reaching an encoder). Only path operations are guarded with it: a
+# RecursionError (a RuntimeError) while parsing a header is the ``recursion`` reason.
+FS_ERRORS = (OSError, RuntimeError, UnicodeError)
 
 
 @dataclass(slots=True)
@@ -55,48 +61,96 @@ def _is_archive(name: str) -> bool:
     return low.endswith(ARCHIVE_SUFFIXES) and not NIFTI_RE.search(low)
 
 
-def _classify(path: Path) -> tuple[str, str | None]:
+def _classify(path: Path) -> str:
+    """Candidate kind from the name: nifti, nifti_label, json, dicom; or archive / skip."""
     name = path.name
     if NIFTI_RE.search(name):
-        return ("nifti_label" if SEG_RE.search(name) or path.parent.name == "labelsTr"
-                else "nifti"), None
+        return "nifti_label" if SEG_RE.search(name) or path.parent.name == "labelsTr" else "nifti"
     if _is_archive(name):
-        return "skip", "archive"
+        return "archive"
     if name.lower().endswith(".json"):
-        return "json", None
+        return "json"
     if name.lower().endswith(NOT_DICOM_SUFFIXES):
-        return "skip", "not_medical"
-    return "dicom", None
+        return "skip"
+    return "dicom"
 
 
-def _entry(index, path, root, deid) -> FileEntry:
-    rel = f"{root.name}/{path.relative_to(root).as_posix()}"
-    key = deid.pseudonym("file", rel)
-    if path.is_symlink():
-        target = path.resolve()
-        if not target.is_relative_to(root.resolve()):
-            return FileEntry(index, path, rel, key, 0, "skip", "skipped", "symlink_outside_root",
-                             "symbolic link leads outside the source root")
-        if not target.is_file():
-            return FileEntry(index, path, rel, key, 0, "skip", "skipped", "not_regular",
-                             "link to something that is not a regular file")
-    elif not path.is_file():
-        return FileEntry(index, path, rel, key, 0, "skip", "skipped", "not_regular",
-                         "not a regular file")
-    kind, reason = _classify(path)
-    size = path.stat().st_size
+def file_key(deid: Deidentifier, rel: str) -> str:
+    """Keyed id of a file: HMAC of the raw bytes of ``rel`` (what ``os.walk`` decoded with
+    surrogateescape), so a name that is not UTF-8 has an id too."""
+    try:
+        raw = os.fsencode(rel)
+    except UnicodeError:  # a lone surrogate that did not come from the file system
+        raw = rel.encode("utf-8", "surrogatepass")
+    return deid.pseudonym("file", raw)
+
+
+def _final(index, path, rel, key, size, status, err: IngestError) -> FileEntry:
+    """An entry whose outcome is known at walk time (row message: the error's literal)."""
+    return FileEntry(index, path, rel, key, size, "skip", status, err.reason, err.message)
+
+
+def _target(path: Path) -> os.stat_result | None:
+    """What a symbolic link points to (``stat``), None when it points nowhere."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _classified(index, path: Path, root: Path, rel: str, key: str) -> FileEntry:
+    """The entry for ``path``. Every path operation here may raise (FS_ERRORS): the caller
+    makes that a ``filesystem`` entry. (``Path.is_file`` is not used: it answers False for
+    errors it swallows, and a vanished file would pass for something that is not a file.)"""
+    st = path.lstat()
+    if S_ISLNK(st.st_mode):
+        if not path.resolve().is_relative_to(root.resolve()):
+            return _final(index, path, rel, key, 0, "skipped", IngestError(
+                "symlink_outside_root", "symbolic link leads outside the source root"))
+        st = _target(path)
+        if st is None or not S_ISREG(st.st_mode):
+            return _final(index, path, rel, key, 0, "skipped", IngestError(
+                "not_regular", "link to something that is not a regular file"))
+    elif not S_ISREG(st.st_mode):
+        return _final(index, path, rel, key, 0, "skipped",
+                      IngestError("not_regular", "not a regular file"))
+    kind = _classify(path)
+    if kind == "archive":
+        return _final(index, path, rel, key, st.st_size, "skipped",
+                      IngestError("archive", "archives are not extracted"))
     if kind == "skip":
-        return FileEntry(index, path, rel, key, size, kind, "skipped", reason,
-                         "archives are not extracted" if reason == "archive"
-                         else "not a DICOM or NIfTI file")
-    return FileEntry(index, path, rel, key, size, kind)
+        return _final(index, path, rel, key, st.st_size, "skipped",
+                      IngestError("not_medical", "not a DICOM or NIfTI file"))
+    return FileEntry(index, path, rel, key, st.st_size, kind)
+
+
+def refused(index: int, path: Path, rel: str, key: str) -> FileEntry:
+    """An entry the operating system refused an operation on: a ``filesystem`` row."""
+    return _final(index, path, rel, key, 0, "quarantined", IngestError("filesystem"))
+
+
+def _entry(index, path: Path, root: Path, deid: Deidentifier) -> FileEntry:
+    rel = f"{root.name}/{path.relative_to(root).as_posix()}"
+    key = file_key(deid, rel)
+    try:
+        return _classified(index, path, root, rel, key)
+    except FS_ERRORS:
+        return refused(index, path, rel, key)
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return path.is_symlink()
+    except FS_ERRORS:
+        return False  # os.walk descends and reports the folder through its onerror
 
 
 def walk(roots, deid: Deidentifier) -> list[FileEntry]:
     """Every non-directory entry under ``roots``, in a deterministic order.
 
     Directory symlinks are not descended into; file symlinks are recorded (and followed only
-    when they stay inside their root).
+    when they stay inside their root). A folder that cannot be listed is one ``filesystem``
+    entry (the files in it cannot be counted).
     """
     entries: list[FileEntry] = []
     for root in [Path(r) for r in roots]:
@@ -105,30 +159,65 @@ def walk(roots, deid: Deidentifier) -> list[FileEntry]:
         if root.is_file():
             entries.append(_entry(len(entries), root, root.parent, deid))
             continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+        def unlisted(err: OSError, root=root) -> None:
+            path = Path(err.filename) if err.filename is not None else root
+            rel = f"{root.name}/{path.relative_to(root).as_posix()}"
+            entries.append(refused(len(entries), path, rel, file_key(deid, rel)))
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=False):
             dirnames.sort()
             here = Path(dirpath)
-            for name in sorted(filenames) + sorted(d for d in dirnames if (here / d).is_symlink()):
+            for name in sorted(filenames) + sorted(d for d in dirnames if _is_link(here / d)):
                 entries.append(_entry(len(entries), here / name, root, deid))
     return entries
+
+
+def openable(path) -> bool:
+    """True when the operating system lets this process open ``path`` for reading now
+    (non-blocking, so a fifo swapped in since discovery cannot hang the caller)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (*FS_ERRORS, ValueError):
+        return False
+    os.close(fd)
+    return True
+
+
+def as_filesystem(err: IngestError, path) -> IngestError:
+    """``err``, or a ``filesystem`` error when ``path`` cannot even be opened now (vanished
+    since discovery, permission, loop): a reader reports such a file as unreadable, and the
+    operating system's own message for it is the path."""
+    if err.reason == "filesystem" or openable(path):
+        return err
+    return IngestError("filesystem", None, path)
+
+
+def _settle(e: FileEntry, status: str, err: IngestError) -> None:
+    e.status, e.reason, e.error = status, err.reason, err.message
+
+
+def _scan_one(e: FileEntry) -> None:
+    try:
+        e.header = read_header(e.path)
+    except IngestError as err:
+        err = as_filesystem(err, e.path)
+        if err.reason == "unreadable" and (err.detail or "").startswith("not a DICOM"):
+            _settle(e, "skipped", IngestError("not_medical", "not a DICOM file"))
+        else:
+            _settle(e, "quarantined", err)
+    except (OSError, UnicodeEncodeError):
+        _settle(e, "quarantined", IngestError("filesystem"))
+    else:
+        if e.header.kind == "other":
+            _settle(e, "skipped", IngestError("unsupported_sop", "SOP class is not an image"))
+        elif e.header.kind == "image" and not e.header.has_pixels:
+            _settle(e, "quarantined", IngestError("no_pixel_data", "no pixel data"))
 
 
 def scan_headers(batch: list[FileEntry]) -> list[FileEntry]:
     """Batch stage: read DICOM headers; unreadable files become quarantined/skipped entries."""
     for e in batch:
-        if e.kind != "dicom" or e.status:
-            continue
-        try:
-            e.header = read_header(e.path)
-        except IngestError as err:
-            e.status = "skipped" if err.reason == "unreadable" and "not a DICOM" in err.problem \
-                else "quarantined"
-            e.reason = "not_medical" if e.status == "skipped" else err.reason
-            e.error = err.problem
-        else:
-            if e.header.kind == "other":
-                e.status, e.reason = "skipped", "unsupported_sop"
-                e.error = f"SOP class {e.header.sop_class or 'unknown'} is not an image"
-            elif e.header.kind == "image" and not e.header.has_pixels:
-                e.status, e.reason, e.error = "quarantined", "no_pixel_data", "no pixel data"
+        if e.kind == "dicom" and not e.status:
+            _scan_one(e)
     return batch

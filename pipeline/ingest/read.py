@@ -7,13 +7,19 @@ Public API::
     vol.array   # (X, Y, Z[, T]) RAS+ closest canonical
     vol.affine  # 4x4 voxel -> RAS mm
 
-Every failure raises :class:`pipeline.errors.IngestError` naming the file and the problem.
-4D rule: DICOM echoes/phases and NIfTI 4D volumes keep T as the 4th axis; 2D cutting uses t = 0.
+Every failure raises :class:`pipeline.errors.IngestError` with a reason code and a fixed
+message (never a value read from the file or its path). Read right or refuse: Siemens mosaics
+are de-tiled (mosaic.py), gantry-tilted stacks resampled (tilt.py), header values validated as
+they are parsed (dicom_values.py), and a volume without signal is refused (``no_signal``).
+4D rule: DICOM echoes/phases/mosaic time points and NIfTI 4D volumes keep T as the 4th axis;
+2D cutting uses t = 0.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +31,16 @@ from pipeline.ingest.deid import Deidentifier, clean_dicom_meta
 from pipeline.ingest.dicom_io import (
     Header,
     check_budget,
+    check_codestream,
     dcmread_safe,
     header_from_dataset,
     read_header,
 )
 from pipeline.ingest.dicom_pixels import frames_of
 from pipeline.ingest.dicom_series import assemble, planes_of
+from pipeline.ingest.dicom_values import FLOAT32_MAX, as_float, get_value
+from pipeline.ingest.mosaic import mosaic_count, mosaic_planes
+from pipeline.ingest.tilt import RESAMPLED, deshear, is_sheared
 from pipeline.ingest.volume import LPS_TO_RAS, Volume, check_affine, to_canonical
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -44,6 +54,10 @@ class ReadConfig:
     series_budget_bytes: int = 4 << 30  # max declared decoded size of one series
     min_slices: int = 1  # fewer distinct positions → too_few_slices
     allow_burned_in: bool = False  # ingest images flagged as burned-in risk
+    refuse_gantry_tilt: bool = False  # refuse tilted stacks (gantry_tilt) instead of resampling
+    # keep label names (RTSTRUCT ROIName, SEG SegmentLabel, sidecars) the structure vocabulary
+    # does not know instead of structure_<value>: they may carry names and dates (PHI)
+    allow_unknown_label_names: bool = False
 
 
 @dataclass
@@ -60,7 +74,12 @@ def is_nifti(path: os.PathLike | str) -> bool:
 
 
 def _admit(header: Header, cfg: ReadConfig, total: int, path) -> int:
-    """Budget and burned-in checks on a header, before any pixel is read. Returns new total."""
+    """Class, budget and burned-in checks on a header, before any pixel is read.
+
+    Returns the new running total of declared bytes.
+    """
+    if header.kind != "image":
+        raise IngestError("unsupported_sop", "the SOP class is not an image class", path)
     check_budget(header, cfg.file_budget_bytes, path)
     total += header.declared_bytes
     if total > cfg.series_budget_bytes:
@@ -74,36 +93,71 @@ def _admit(header: Header, cfg: ReadConfig, total: int, path) -> int:
 def _read_datasets(paths, cfg: ReadConfig, errors: dict, headers=None) -> list[tuple[int, object]]:
     """Full reads (pixels included) of the files that pass header and budget checks.
 
-    With ``headers`` from discovery the checks run before the file is read in full.
+    With ``headers`` from discovery the checks run before the file is read in full. Then the
+    compressed frames' own dimensions are checked before anything is decoded.
     """
     out, total = [], 0
     for i, p in enumerate(paths):
         try:
             if headers is not None:
-                total = _admit(headers[i], cfg, total, p)
-                out.append((i, dcmread_safe(Path(p))))
+                header = headers[i]
+                total = _admit(header, cfg, total, p)
+                ds = dcmread_safe(Path(p), inflate_budget=cfg.file_budget_bytes)
             else:
-                ds = dcmread_safe(Path(p))
-                total = _admit(header_from_dataset(ds), cfg, total, p)
-                out.append((i, ds))
+                ds = dcmread_safe(Path(p), inflate_budget=cfg.file_budget_bytes)
+                header = header_from_dataset(ds)
+                total = _admit(header, cfg, total, p)
+            check_codestream(ds, header, cfg.file_budget_bytes, p)
+            out.append((i, ds))
         except IngestError as e:
             errors[i] = e
     return out
+
+
+def _planes(ds, path) -> list:
+    """Decode one data set into planes: a Siemens mosaic's tiles, or its frames."""
+    frames, _ = frames_of(ds, path)
+    n = mosaic_count(ds, path)
+    return planes_of(ds, frames, path) if n is None else mosaic_planes(ds, frames, n, path)
 
 
 def _decode_planes(datasets, errors: dict) -> list:
     planes = []
     for i, ds in datasets:
         try:
-            frames, facts = frames_of(ds, ds.filename)
-            planes.extend(planes_of(ds, frames))
+            planes.extend(_planes(ds, ds.filename))
         except IngestError as e:
             errors[i] = e
     return planes
 
 
+def check_signal(array: np.ndarray, path: object = None) -> None:
+    """``no_signal`` when ``array`` has no finite value, or every finite value is the same."""
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        lo = np.min(array, where=finite, initial=np.inf)
+        hi = np.max(array, where=finite, initial=-np.inf)
+    else:
+        lo, hi = array.min(), array.max()
+    if not lo < hi:
+        raise IngestError("no_signal", "no finite voxel, or every voxel has the same value", path)
+
+
+def _orthogonal(array, affine_lps, cfg: ReadConfig, path):
+    """(array, affine, resampled): a gantry-tilted (sheared) stack resampled onto an orthogonal
+    grid (resampled = tilt.RESAMPLED), or refused with ``gantry_tilt`` when the config says so;
+    any other stack unchanged (resampled = None)."""
+    if not is_sheared(affine_lps):
+        return array, affine_lps, None
+    if cfg.refuse_gantry_tilt:
+        raise IngestError("gantry_tilt", "slice positions drift off the slice normal (tilted "
+                          "gantry or sheared stack)", path)
+    array, affine_lps = deshear(array, affine_lps, cfg.series_budget_bytes, path)
+    return array, affine_lps, RESAMPLED
+
+
 def _facts(ds, planes) -> dict:
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    photometric = str(get_value(ds, "PhotometricInterpretation") or "").upper()
     return {
         "inverted_monochrome1": photometric == "MONOCHROME1",
         "color_to_luminance": photometric not in ("MONOCHROME1", "MONOCHROME2", ""),
@@ -129,6 +183,8 @@ def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig(),
         return SeriesRead(None, errors, err)
     try:
         array, affine_lps = assemble(planes, where, cfg.min_slices)
+        check_signal(array, where)
+        array, affine_lps, resampled = _orthogonal(array, affine_lps, cfg, where)
         affine = LPS_TO_RAS @ affine_lps
         check_affine(affine, where)
         array, affine = to_canonical(array, affine)
@@ -136,7 +192,7 @@ def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig(),
         return SeriesRead(None, errors, e)
     ds0 = datasets[0][1]
     meta = clean_dicom_meta(ds0, deid)
-    meta.update(_facts(ds0, planes), n_files=len(datasets))
+    meta.update(_facts(ds0, planes), n_files=len(datasets), resampled=resampled)
     return SeriesRead(Volume(array, affine, meta["modality"], meta), errors)
 
 
@@ -149,6 +205,121 @@ def _nifti_modality(data: np.ndarray, hint: str | None) -> tuple[str, str]:
     return ("CT" if np.percentile(sample, 1) <= -900 else "MR"), "heuristic"
 
 
+def _load_nifti(path: Path):
+    """``nib.load`` with every failure turned into a fixed-message :class:`IngestError`."""
+    try:
+        return nib.load(str(path))
+    except nib.spatialimages.HeaderDataError as e:
+        # nibabel refuses a valid slope with a non-finite intercept while loading
+        if "intercept" in str(e):
+            raise IngestError("bad_scaling", "NIfTI scl_inter is not a finite number",
+                              path) from None
+        raise IngestError("unreadable", "not a readable NIfTI file", path) from None
+    except (gzip.BadGzipFile, zlib.error):
+        raise IngestError("unreadable", "not a readable NIfTI file (bad gzip stream)",
+                          path) from None
+    except EOFError:
+        raise IngestError("truncated", "NIfTI file ends before its header", path) from None
+    except OSError:
+        raise IngestError("filesystem", "the file could not be opened or read", path) from None
+    except Exception:  # nibabel raises many types for corrupt headers; never quoted
+        raise IngestError("unreadable", "not a readable NIfTI file", path) from None
+
+
+def _stored_header(img, path: Path):
+    """The header as stored in the file: nibabel resets scl_slope/scl_inter in ``img.header``
+    once the data proxy holds them (and silently drops an infinite slope)."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as f:
+            return img.header_class.from_fileobj(f, check=False)
+    except OSError:
+        raise IngestError("filesystem", "the file could not be opened or read", path) from None
+    except Exception:
+        raise IngestError("unreadable", "not a readable NIfTI file", path) from None
+
+
+def nifti_scaling(header, path: object = None) -> tuple[float, float] | None:
+    """(slope, intercept) a NIfTI header applies, or None when it applies none.
+
+    scl_slope 0 (the standard) or NaN (nibabel's "unset", written by every nibabel save) means
+    no scaling; an infinite slope, or a non-finite intercept with a slope, is ``bad_scaling``.
+    """
+    raw = np.asarray(header["scl_slope"], dtype=np.float64).item()
+    if np.isnan(raw) or raw == 0.0:
+        return None
+    slope = as_float(raw)
+    inter = as_float(np.asarray(header["scl_inter"], dtype=np.float64).item())
+    if slope is None or inter is None:
+        raise IngestError("bad_scaling", "NIfTI scl_slope or scl_inter is not a finite number",
+                          path)
+    return None if (slope, inter) == (1.0, 0.0) else (slope, inter)
+
+
+def _as_float32(data: np.ndarray, path) -> np.ndarray:
+    """Voxel values as float32 (int8/16 and uint8/16 kept); ``bad_scaling`` when a finite
+    value does not fit in float32 (an overflowing scale factor or float64 data)."""
+    if data.dtype.kind != "f" and data.dtype.itemsize <= 2:
+        return data
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4:
+        finite = np.isfinite(data)
+        peak = max(np.max(data, where=finite, initial=0.0), -np.min(data, where=finite,
+                                                                      initial=0.0))
+        if peak > FLOAT32_MAX:
+            raise IngestError("bad_scaling", "scaled voxel values overflow float32", path)
+    return data.astype(np.float32, copy=False)
+
+
+def _nifti_shape(img, scaling, cfg: ReadConfig, path) -> tuple[int, ...]:
+    """The voxel shape (trailing unit axes past the 4th dropped), within the byte budget: the
+    bytes the reader will hold at its peak (:func:`_nifti_bytes_per_voxel`), counted before
+    any voxel is read."""
+    shape = tuple(int(s) for s in img.shape)
+    if int(np.prod(shape, dtype=np.int64)) * _nifti_bytes_per_voxel(img, scaling) > \
+            cfg.series_budget_bytes:
+        raise IngestError("size_budget", "declared NIfTI shape exceeds the byte budget", path)
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) not in (2, 3, 4):
+        raise IngestError("unreadable", "unsupported NIfTI dimensionality", path)
+    return shape
+
+
+def _nifti_bytes_per_voxel(img, scaling) -> int:
+    """Peak bytes per voxel of :func:`_nifti_voxels`: the stored values, plus their float32
+    copy unless they are kept as stored (unscaled int8/16, uint8/16 or float32)."""
+    stored = img.get_data_dtype()
+    kept = scaling is None and (stored == np.float32 or (stored.kind in "iu"
+                                                           and stored.itemsize <= 2))
+    return stored.itemsize + (0 if kept else 4)
+
+
+def _scaled_float32(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
+    """``raw * slope + inter`` as float32, computed in float64 one slab at a time (the values
+    nibabel's float64 scaling gives, cast), so no float64 copy of the volume ever exists;
+    ``bad_scaling`` when a scaled value would not fit in float32."""
+    lo, hi = (float(np.nanmin(raw)), float(np.nanmax(raw))) if raw.size else (0.0, 0.0)
+    if max(abs(lo), abs(hi)) * abs(slope) + abs(inter) > FLOAT32_MAX:
+        raise IngestError("bad_scaling", "scaled voxel values overflow float32", path)
+    out = np.empty(raw.shape, np.float32)
+    for k in range(raw.shape[-1]):
+        out[..., k] = raw[..., k].astype(np.float64) * slope + inter
+    return out
+
+
+def _nifti_voxels(img, shape, scaling, path) -> np.ndarray:
+    """(X, Y, Z[, T]) voxel values: stored dtype when unscaled, else float32 scaled values."""
+    try:
+        proxy = img.dataobj
+        raw = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+        raw = raw.reshape(shape)
+    except Exception:  # EOFError, OSError, zlib and gzip errors, ValueError (short data)
+        raise IngestError("truncated", "voxel data could not be read", path) from None
+    raw = raw[:, :, None] if raw.ndim == 2 else raw
+    if scaling is None:
+        return _as_float32(raw, path)
+    return _scaled_float32(raw, *scaling, path)
+
+
 def read_nifti(path, deid: Deidentifier, identity: str | None = None,
                modality: str | None = None, cfg: ReadConfig = ReadConfig()) -> Volume:
     """Read a NIfTI-1/2 file: scaling applied, canonical RAS+, header reduced to geometry.
@@ -157,30 +328,14 @@ def read_nifti(path, deid: Deidentifier, identity: str | None = None,
     fields (descrip, aux_file, intent_name, db_name) and extensions are never read into outputs.
     """
     path = Path(path)
-    try:
-        img = nib.load(str(path))
-    except Exception as e:  # nibabel raises many types for corrupt headers
-        raise IngestError("unreadable", f"not a readable NIfTI file ({type(e).__name__}: "
-                          f"{str(e)[:200]})", path) from None
+    img = _load_nifti(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or getattr(img, "affine", None) is None:
-        raise IngestError("not_a_volume", f"{type(img).__name__} holds no image volume", path)
-    shape = tuple(int(s) for s in img.shape)
-    declared = int(np.prod(shape, dtype=np.int64)) * max(4, img.get_data_dtype().itemsize)
-    if declared > cfg.series_budget_bytes:
-        raise IngestError("size_budget", f"declared shape {shape} exceeds the byte budget", path)
-    while len(shape) > 4 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) not in (2, 3, 4):
-        raise IngestError("unreadable", f"unsupported NIfTI dimensionality {shape}", path)
+        raise IngestError("not_a_volume", "the NIfTI container holds no image volume", path)
+    scaling = nifti_scaling(_stored_header(img, path), path)
+    shape = _nifti_shape(img, scaling, cfg, path)
     check_affine(img.affine, path)
-    try:
-        data = np.asanyarray(img.dataobj).reshape(shape)
-    except (EOFError, OSError, ValueError, Exception) as e:
-        raise IngestError("truncated", f"voxel data could not be read ({type(e).__name__})",
-                          path) from None
-    if data.ndim == 2:
-        data = data[:, :, None]
-    data = data.astype(np.float32) if data.dtype.kind == "f" or data.dtype.itemsize > 2 else data
+    data = _nifti_voxels(img, shape, scaling, path)
+    check_signal(data, path)
     array, affine = to_canonical(data, np.asarray(img.affine, dtype=np.float64))
     ident = identity or path.name
     mod, how = _nifti_modality(array if array.ndim == 3 else array[..., 0], modality)
@@ -189,28 +344,51 @@ def read_nifti(path, deid: Deidentifier, identity: str | None = None,
         "patient_key": patient_key, "study_key": deid.pseudonym("study", "nifti:" + ident),
         "series_key": deid.pseudonym("series", "nifti:" + ident), "modality": mod,
         "modality_source": how, "slice_thickness_mm": float(np.linalg.norm(affine[:3, 2])),
-        "contrast": False, "deid_key_id": deid.key_id,
+        "contrast": False, "deid_key_id": deid.key_id, "resampled": None,
         "deid_method": "NIfTI: geometry only (no header text, no extensions)",
     }
     return Volume(array, affine, mod, meta)
 
 
+def _listing(folder: Path) -> list[Path]:
+    """The regular, non-NIfTI files directly in ``folder``, sorted; ``filesystem`` when the OS
+    refuses the listing."""
+    try:
+        return sorted(q for q in folder.iterdir() if q.is_file() and not is_nifti(q))
+    except OSError:
+        raise IngestError("filesystem", "the folder could not be listed", folder) from None
+
+
 def _dicom_files(folder: Path) -> list[Path]:
-    """Image files of the single series in ``folder`` (an error when it holds several)."""
+    """Image files of the single series in ``folder``; non-image objects (raw data,
+    presentation states, reports, label objects) are left out. An error when it holds several
+    image series, or none."""
     series: dict[str, list[Path]] = {}
-    for p in sorted(q for q in folder.iterdir() if q.is_file() and not is_nifti(q)):
+    others = 0
+    for p in _listing(folder):
         try:
             h = read_header(p)
         except IngestError:
             continue
         if h.kind == "image":
             series.setdefault(h.series_uid, []).append(p)
+        else:
+            others += 1
     if len(series) > 1:
-        raise IngestError("geometry", f"folder holds {len(series)} image series; pass the "
-                          "files of one series as a list", folder)
+        raise IngestError("geometry", "folder holds several image series; pass the files of "
+                          "one series as a list", folder)
+    if not series and others:
+        raise IngestError("unsupported_sop", "folder holds DICOM objects but no image", folder)
     if not series:
         raise IngestError("no_pixel_data", "folder holds no readable DICOM image", folder)
     return next(iter(series.values()))
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        raise IngestError("filesystem", "the path could not be examined", path) from None
 
 
 def read_volume(path, deid: Deidentifier | None = None, cfg: ReadConfig = ReadConfig(),
@@ -226,7 +404,7 @@ def read_volume(path, deid: Deidentifier | None = None, cfg: ReadConfig = ReadCo
         files = [Path(p) for p in path]
     elif is_nifti(path):
         return read_nifti(path, deid, modality=modality, cfg=cfg)
-    elif Path(path).is_dir():
+    elif _is_dir(Path(path)):
         files = _dicom_files(Path(path))
     else:
         files = [Path(path)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.ingest.deid import Deidentifier
-from pipeline.ingest.discover import CHANNEL_RE, FileEntry
+from pipeline.ingest.discover import CHANNEL_RE, FS_ERRORS, FileEntry
 
 SEG_SUFFIX = re.compile(r"_seg(\.nii(\.gz)?)?$", re.IGNORECASE)
 
@@ -144,17 +144,25 @@ def _settle_sidecars(entries, tasks) -> None:
             e.status, e.reason, e.error = "skipped", "sidecar", "JSON not used as a names file"
 
 
+def _resolved(path) -> Path | None:
+    """``path`` resolved, or None when the operating system refuses (a symlink loop, ...)."""
+    try:
+        return Path(path).resolve()
+    except FS_ERRORS:
+        return None
+
+
 def collection_tasks(entries: list[FileEntry], deid: Deidentifier, collections) -> dict:
     """Units of ``--collection NAME PATH`` roots, paired by the layout's own rules
     (pipeline/ingest/layouts/*.json). Their files are marked consumed for the generic rules."""
     from pipeline.ingest.collections import get_source
 
-    by_path = {e.path.resolve(): e for e in entries}
+    by_path = {r: e for e in entries if (r := _resolved(e.path)) is not None}
     tasks, used = {}, set()
     for name, root in collections:
         for pair in get_source(name).pairs(root):
-            image = by_path.get(Path(pair.image_path).resolve())
-            labels = [by_path.get(Path(p).resolve()) for p in pair.label_paths]
+            image = by_path.get(_resolved(pair.image_path))
+            labels = [by_path.get(_resolved(p)) for p in pair.label_paths]
             if image is None or image.status or any(lab is None for lab in labels):
                 continue
             ident = _nifti_identity(image)

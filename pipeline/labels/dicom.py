@@ -36,6 +36,10 @@ from pipeline.ingest.volume import LPS_TO_RAS, Volume
 
 _FLIP = np.diag(LPS_TO_RAS)[:3]  # (-1, -1, 1): LPS mm → RAS mm
 _SEG_TOL = 0.1  # voxel: SEG frame pixels must land this close to voxel centres
+# What pydicom or numpy raise on a malformed label object (an element of the wrong type, shape
+# or multiplicity, a missing item): a ``bad_label`` error, never a worker crash whose exception
+# text would quote the offending value.
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError)
 
 
 def _lps_to_voxel(lps: np.ndarray, volume: Volume) -> np.ndarray:
@@ -62,7 +66,7 @@ def _path(ds) -> object:
 def _grid(volume: Volume) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in volume.array.shape[:3])
     if len(shape) != 3:
-        raise IngestError("label_mismatch", f"image volume is not 3D (shape {shape})")
+        raise IngestError("label_mismatch", "image volume is not 3D")
     return shape
 
 
@@ -94,13 +98,12 @@ def _contour_points(contour, path: object) -> np.ndarray | None:
     values = data if isinstance(data, MultiValue | list | tuple) else [data]
     try:
         pts = np.asarray([float(v) for v in values], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise IngestError("bad_label", f"ContourData is not numeric ({exc})", path) from None
+    except (TypeError, ValueError, OverflowError):
+        raise IngestError("bad_label", "ContourData is not numeric", path) from None
     if pts.size == 0:
         return None
     if pts.size % 3 or not np.all(np.isfinite(pts)):
-        raise IngestError("bad_label", f"ContourData has {pts.size} values, not finite triplets",
-                          path)
+        raise IngestError("bad_label", "ContourData is not finite triplets", path)
     return pts.reshape(-1, 3)
 
 
@@ -131,7 +134,7 @@ def _fill_contour(mask: np.ndarray, vox: np.ndarray, path: object) -> bool:
     axis = int(np.argmin(spread))
     if spread[axis] >= 0.5:
         raise IngestError("label_mismatch", "RTSTRUCT contour does not lie on a voxel slice of "
-                          f"the image grid (min spread {spread[axis]:.2f} voxel)", path)
+                          "the image grid", path)
     index = int(np.rint(vox[:, axis].mean()))
     if not 0 <= index < mask.shape[axis]:
         return False
@@ -167,6 +170,14 @@ def rasterize_rtstruct(ds, volume: Volume) -> tuple[np.ndarray, dict[int, str]]:
         IngestError: ``bad_label`` (no CLOSED_PLANAR contour, malformed ContourData),
             ``label_mismatch`` (no contour lands in the grid, or a contour is oblique to it).
     """
+    try:
+        return _rasterize(ds, volume)
+    except MALFORMED:
+        raise IngestError("bad_label", "RTSTRUCT is malformed", _path(ds)) from None
+
+
+def _rasterize(ds, volume: Volume) -> tuple[np.ndarray, dict[int, str]]:
+    """:func:`rasterize_rtstruct` without its guard against malformed elements."""
     path = _path(ds)
     grid = _grid(volume)
     rois = _roi_names(ds)
@@ -176,17 +187,15 @@ def rasterize_rtstruct(ds, volume: Volume) -> tuple[np.ndarray, dict[int, str]]:
     order = [n for n in rois if n in contours] + [n for n in contours if n not in rois]
     labels = np.zeros(grid, dtype=np.int32)
     names: dict[int, str] = {}
-    landed = total = 0
+    landed = 0
     for value, number in enumerate(order, start=1):
         mask = np.zeros(grid, dtype=bool)
         for pts in contours[number]:
-            total += 1
             landed += _fill_contour(mask, _lps_to_voxel(pts, volume), path)
         labels[mask] = value
         names[value] = rois.get(number, f"roi_{number}")
     if landed == 0:
-        raise IngestError("label_mismatch", f"none of the {total} RTSTRUCT contours lands in the "
-                          f"image grid {grid}", path)
+        raise IngestError("label_mismatch", "no RTSTRUCT contour lands in the image grid", path)
     return labels, _present(labels, names)
 
 
@@ -209,20 +218,19 @@ def _seg_masks(ds, path: object) -> np.ndarray:
     """Decoded SEG pixel data → (frames, rows, cols) bool (BINARY: != 0; FRACTIONAL: ≥ ½ max)."""
     kind = str(ds.get("SegmentationType", "") or "").strip().upper()
     if kind not in ("BINARY", "FRACTIONAL"):
-        raise IngestError("bad_label", f"unsupported SegmentationType {kind!r}", path)
+        raise IngestError("bad_label", "SegmentationType is neither BINARY nor FRACTIONAL", path)
     try:
         arr = np.asarray(ds.pixel_array)
-    except Exception as exc:  # any decoder failure is a bad label object, not a crash
-        raise IngestError("bad_label", f"SEG pixel data could not be decoded "
-                          f"({type(exc).__name__})", path) from None
+    except Exception:  # any decoder failure is a bad label object, not a crash
+        raise IngestError("bad_label", "SEG pixel data could not be decoded", path) from None
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
-        raise IngestError("bad_label", f"SEG pixel data has shape {arr.shape}", path)
+        raise IngestError("bad_label", "SEG pixel data is not (frames, rows, columns)", path)
     if kind == "BINARY":
         return arr != 0
     top = float(ds.get("MaximumFractionalValue", 0) or 0)
-    if top <= 0:
+    if not np.isfinite(top) or top <= 0:
         raise IngestError("bad_label", "FRACTIONAL SEG without a positive MaximumFractionalValue",
                           path)
     return arr >= 0.5 * top
@@ -234,7 +242,7 @@ def _functional(frame, shared, seq: str, attr: str, path: object):
         items = group.get(seq, None) if group is not None else None
         if items and attr in items[0]:
             return items[0][attr].value
-    raise IngestError("bad_label", f"SEG frame lacks {seq}[0].{attr}", path)
+    raise IngestError("bad_label", "SEG frame lacks a functional group attribute", path)
 
 
 def _frame_to_voxel(frame, shared, volume: Volume, path: object):
@@ -251,6 +259,8 @@ def _frame_to_voxel(frame, shared, volume: Volume, path: object):
                                      path), dtype=np.float64)
     if ipp.shape != (3,) or iop.shape != (6,) or spacing.shape != (2,):
         raise IngestError("bad_label", "SEG frame geometry has wrong multiplicity", path)
+    if not (np.all(np.isfinite(ipp)) and np.all(np.isfinite(iop)) and np.all(np.isfinite(spacing))):
+        raise IngestError("bad_label", "SEG frame geometry is not finite", path)
     origin = _lps_to_voxel(ipp, volume)[0]
     ends = _lps_to_voxel(np.stack([ipp + spacing[1] * iop[:3], ipp + spacing[0] * iop[3:]]),
                          volume)
@@ -259,7 +269,7 @@ def _frame_to_voxel(frame, shared, volume: Volume, path: object):
         unit = np.rint(step)
         if np.abs(step - unit).max() > _SEG_TOL or np.abs(unit).sum() != 1:
             raise IngestError("label_mismatch", "SEG frame pixel grid does not match the image "
-                              f"voxel grid (one pixel = {np.round(step, 3).tolist()} voxel)", path)
+                              "voxel grid", path)
     if np.array_equal(np.abs(np.rint(step_c)), np.abs(np.rint(step_r))):
         raise IngestError("label_mismatch", "SEG frame rows and columns map to one axis", path)
     return origin, step_c, step_r
@@ -294,6 +304,14 @@ def read_dicom_seg(ds, volume: Volume) -> tuple[np.ndarray, dict[int, str]]:
             ``label_mismatch`` (frames not on the voxel grid within 0.1 voxel, or nothing
             lands in it).
     """
+    try:
+        return _place_segments(ds, volume)
+    except MALFORMED:
+        raise IngestError("bad_label", "SEG is malformed", _path(ds)) from None
+
+
+def _place_segments(ds, volume: Volume) -> tuple[np.ndarray, dict[int, str]]:
+    """:func:`read_dicom_seg` without its guard against malformed elements."""
     path = _path(ds)
     grid = _grid(volume)
     names = _segment_names(ds)
@@ -302,12 +320,11 @@ def read_dicom_seg(ds, volume: Volume) -> tuple[np.ndarray, dict[int, str]]:
     shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
     shared = shared_seq[0] if shared_seq else None
     if len(frames) != masks.shape[0]:
-        raise IngestError("bad_label", f"SEG has {masks.shape[0]} frames of pixel data but "
-                          f"{len(frames)} per-frame functional groups", path)
+        raise IngestError("bad_label", "SEG frames of pixel data and per-frame functional "
+                          "groups differ in number", path)
     segments = [_segment_of(f, shared, path) for f in frames]
-    unknown = sorted(set(segments) - set(names))
-    if unknown:
-        raise IngestError("bad_label", f"SEG frames reference undefined segments {unknown}", path)
+    if set(segments) - set(names):
+        raise IngestError("bad_label", "SEG frames reference undefined segments", path)
     labels = np.zeros(grid, dtype=np.int32)
     found = landed = 0
     for i in sorted(range(len(frames)), key=lambda n: segments[n]):
@@ -319,8 +336,8 @@ def read_dicom_seg(ds, volume: Volume) -> tuple[np.ndarray, dict[int, str]]:
         idx = np.rint(vox)
         off = float(np.abs(vox - idx).max())
         if off > _SEG_TOL:
-            raise IngestError("label_mismatch", f"SEG frame {i} pixels are {off:.2f} voxel off "
-                              "the image voxel centres", path)
+            raise IngestError("label_mismatch", "SEG frame pixels are off the image voxel "
+                              "centres", path)
         idx = idx.astype(np.int64)
         inside = np.all((idx >= 0) & (idx < np.asarray(grid)), axis=1)
         found += len(idx)
@@ -328,6 +345,6 @@ def read_dicom_seg(ds, volume: Volume) -> tuple[np.ndarray, dict[int, str]]:
         i_, j_, k_ = idx[inside].T
         labels[i_, j_, k_] = segments[i]
     if found and not landed:
-        raise IngestError("label_mismatch", f"none of the {found} SEG foreground pixels lands in "
-                          f"the image grid {grid}", path)
+        raise IngestError("label_mismatch", "no SEG foreground pixel lands in the image grid",
+                          path)
     return labels, _present(labels, names)

@@ -49,6 +49,14 @@ def _as_int(value: object) -> int | None:
     return None
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _names_from_mapping(mapping: dict) -> dict[int, str]:
     """Both directions: ``{"1": "liver"}`` and ``{"liver": 1}``; lists (nnU-Net regions) skipped."""
     names: dict[int, str] = {}
@@ -61,6 +69,8 @@ def _names_from_mapping(mapping: dict) -> dict[int, str]:
             continue  # region-based lists, nested objects, nulls: not a value → name entry
         if number is None or number <= 0 or number in names:
             continue  # background (0), negatives, and repeated values (first one wins)
+        if not _utf8(name):
+            continue  # a lone surrogate ("\\ud800" in the JSON) cannot be written to Parquet
         names[number] = name.strip() or f"label_{number}"
     return names
 
@@ -76,21 +86,20 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
       (region-based list values are skipped; only int values are taken).
 
     The file is only ever parsed with :func:`json.loads`. Returns ``{}`` for a map with no usable
-    entry. Raises ``IngestError("bad_label")`` for unreadable, oversized or non-JSON files and
-    for JSON whose top level is not an object.
+    entry. Raises ``IngestError("bad_label")`` for oversized or non-JSON files and for JSON
+    whose top level is not an object, ``IngestError("filesystem")`` when the file cannot be
+    opened.
     """
     try:
         raw = Path(path).read_bytes()[: MAX_JSON_BYTES + 1]
-    except OSError as exc:
-        raise IngestError("bad_label", f"label names file unreadable ({exc.strerror})",
-                          path) from None
+    except OSError:
+        raise IngestError("filesystem", "label names file could not be opened", path) from None
     if len(raw) > MAX_JSON_BYTES:
         raise IngestError("bad_label", "label names file larger than 16 MiB", path)
     try:
         doc = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise IngestError("bad_label", f"label names file is not valid JSON ({exc})",
-                          path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise IngestError("bad_label", "label names file is not valid JSON", path) from None
     if not isinstance(doc, dict):
         raise IngestError("bad_label", "label names JSON is not an object", path)
     inner = doc.get("labels")
@@ -105,7 +114,7 @@ def _integral_labels(data: np.ndarray, path: object) -> np.ndarray:
     if data.dtype.kind == "b":
         return data.astype(np.int32)
     if data.dtype.kind not in "iuf":
-        raise IngestError("bad_label", f"label data of dtype {data.dtype} is not numeric", path)
+        raise IngestError("bad_label", "label data is not numeric", path)
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)):
             raise IngestError("bad_label", "label data holds NaN or infinite values", path)
@@ -114,8 +123,7 @@ def _integral_labels(data: np.ndarray, path: object) -> np.ndarray:
             raise IngestError("bad_label", "label data holds non-integer values", path)
         data = rounded
     if data.size and (data.min() < 0 or data.max() > np.iinfo(np.int32).max):
-        raise IngestError("bad_label", f"label values outside 0..2^31-1 "
-                          f"(min {data.min()}, max {data.max()})", path)
+        raise IngestError("bad_label", "label values outside 0..2^31-1", path)
     return data.astype(np.int32)
 
 
@@ -126,15 +134,15 @@ def _load_label_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as exc:  # nibabel raises many types for broken files
-        raise IngestError("bad_label", f"label NIfTI could not be read ({type(exc).__name__})",
-                          path) from None
+    except Exception:  # nibabel raises many types for broken files
+        raise IngestError("bad_label", "label NIfTI could not be read", path) from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     try:
         check_affine(affine, path)
-    except IngestError as exc:
-        raise IngestError("bad_label", f"label NIfTI: {exc.problem}", path) from None
+    except IngestError:
+        raise IngestError("bad_label", "label NIfTI has a singular, sheared or non-finite affine",
+                          path) from None
     return _integral_labels(data, path), affine
 
 
@@ -142,15 +150,12 @@ def _check_grid(shape: tuple, affine: np.ndarray, volume: Volume, path: object) 
     """Raise ``label_mismatch`` unless (shape, affine) equal the image grid within tolerance."""
     image_shape = tuple(int(s) for s in volume.array.shape[:3])
     if tuple(shape) != image_shape:
-        raise IngestError("label_mismatch", f"label map shape {tuple(shape)} vs image "
-                          f"{image_shape}", path)
+        raise IngestError("label_mismatch", "label map shape differs from the image's", path)
     ref = np.asarray(volume.affine, dtype=np.float64)
     d_lin = float(np.abs(affine[:3, :3] - ref[:3, :3]).max())
     d_t = float(np.abs(affine[:3, 3] - ref[:3, 3]).max())
     if d_lin > LINEAR_TOL or d_t > TRANSLATION_TOL_MM:
-        raise IngestError("label_mismatch", f"label map affine differs from image (shape "
-                          f"{tuple(shape)} vs image {image_shape}; max difference "
-                          f"{d_lin:.2g} in rotation/zoom, {d_t:.2g} mm in translation)", path)
+        raise IngestError("label_mismatch", "label map affine differs from the image's", path)
 
 
 def read_nifti_labels(
@@ -176,13 +181,12 @@ def read_nifti_labels(
             them when ``names`` is None) are called ``label_<value>``.
 
     Raises:
-        IngestError: ``label_mismatch`` (not 3D, other shape or affine; the message states both
-            shapes), ``bad_label`` (unreadable, non-integral or negative values, bad affine).
+        IngestError: ``label_mismatch`` (not 3D, other shape or affine), ``bad_label``
+            (unreadable, non-integral or negative values, bad affine).
     """
     data, affine = _load_label_nifti(path)
     if data.ndim != 3:
-        raise IngestError("label_mismatch", f"label map shape {data.shape} is not 3D vs image "
-                          f"{tuple(int(s) for s in volume.array.shape[:3])}", path)
+        raise IngestError("label_mismatch", "label map is not 3D", path)
     data, affine = to_canonical(data, affine)
     _check_grid(data.shape, affine, volume, path)
     labels = np.ascontiguousarray(data, dtype=np.int32)
@@ -202,8 +206,7 @@ def read_mask_folder(paths: list[Path], volume: Volume, names: dict[int, str] | 
         if merged is None:
             merged, affine = np.zeros(data.shape, np.int32), aff
         elif data.shape != merged.shape or not np.allclose(aff, affine, atol=1e-3):
-            raise IngestError("label_mismatch", f"mask grid {data.shape} differs from the "
-                              f"first mask's {merged.shape}", path)
+            raise IngestError("label_mismatch", "mask grid differs from the first mask's", path)
         merged[data > 0] = value
     if merged is None:
         raise IngestError("bad_label", "no masks to merge", None)

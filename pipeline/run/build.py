@@ -1,8 +1,13 @@
 """The build-corpus run: discover → scan headers → group → process units → commit shards.
 
-Shards are committed as soon as all their units are done; a rerun of the same command skips
-committed shards (resume). The manifest is rewritten atomically (every few seconds while shards
-commit, and at the end) and lists committed shards only.
+Shards are committed as soon as all their units are done. A rerun into the same ``--out``
+resumes (membership follows unit keys, see ``pipeline.run.shards``): committed shards are kept
+as they are, units no marker lists go into new shards, a unit a marker lists that is no longer
+found is reported (``missing_units``: its rows stay), and a shard holding units killed for
+lack of memory, or units that only gained files, is redone (new files, new marker, then the
+old files go). The manifest is rewritten atomically (every few seconds while shards commit,
+and at the end), lists committed shards only and records the resolved configuration; a rerun
+with another configuration is refused by :func:`check_out_dir`, naming the fields that differ.
 """
 
 from __future__ import annotations
@@ -11,23 +16,40 @@ import json
 import logging
 import sys
 import time
-import warnings
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import PIPELINE_VERSION, BuildConfig
+import pyarrow.parquet as pq
+
+from pipeline.config import PIPELINE_VERSION, BuildConfig, RequestError
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.dicom_io import missing_decoders
 from pipeline.ingest.discover import FileEntry, scan_headers, walk
 from pipeline.ingest.units import group_units
-from pipeline.run.execute import progress, run_local, run_ray, workers
+from pipeline.run.execute import progress, quiet_libraries, run_local, run_ray, workers
 from pipeline.run.isolate import run_isolated
-from pipeline.run.shards import ShardWork, file_row, table_stats, unit_files
+from pipeline.run.shards import (
+    Resume,
+    ShardWork,
+    discovery_name,
+    file_row,
+    needs_rebuild,
+    only_grew,
+    plan_discovery,
+    plan_shards,
+    table_stats,
+    task_digest,
+    unit_claims,
+    unit_files,
+)
 from pipeline.write import (
     commit_shard,
     committed_shards,
+    file_sha256,
+    marker_files,
     remove_stale_temporaries,
-    shard_name,
+    shard_number,
     write_manifest,
 )
 
@@ -54,85 +76,187 @@ def _scan(entries: list[FileEntry], cfg: BuildConfig) -> None:
         progress("headers", done, len(todo), t0)
 
 
-def _check_out_dir(out: Path, config_hash: str) -> None:
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        old = json.loads(manifest.read_text()).get("config_hash")
-        if old != config_hash:
-            raise ValueError(f"--out {out}: holds a corpus built with another configuration "
-                             f"(config hash {old}, now {config_hash}); choose a new --out")
+# Fields that say how a build runs, not what it makes: they may change between runs.
+RUN_FIELDS = ("execution", "collections", "regions.device")
 
 
-def summarize(n_found: int, markers: dict, cfg: BuildConfig, deid, timings, extra) -> dict:
-    """The manifest: counts summed from the commit markers (no table is re-read)."""
+def resolved_config(cfg: BuildConfig) -> dict:
+    """The build configuration as JSON, for the manifest: every field, except the source and
+    output paths and the key file (left out) and the detector weights (their sha256)."""
+    d = asdict(cfg)
+    for k in ("sources", "out", "key_file"):
+        d.pop(k)
+    d["collections"] = sorted({name for name, _ in cfg.collections})
+    if cfg.regions.detector:
+        d["regions"]["detector"] = "sha256:" + file_sha256(cfg.regions.detector)
+    d["pipeline_version"] = PIPELINE_VERSION
+    return json.loads(json.dumps(d, default=str))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Dotted names of the output-changing fields that differ (``slicing.every_k``)."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
+                  and not any(k == f or k.startswith(f + ".") for f in RUN_FIELDS))
+
+
+def check_out_dir(cfg: BuildConfig, key_id: str | None = None) -> None:
+    """Raise :class:`~pipeline.config.RequestError` (a ValueError: one line naming ``--out``
+    and the fields that differ; build-corpus exits 2 with it) when ``cfg.out`` holds a corpus
+    built with another configuration or another de-identification key."""
+    path = Path(cfg.out) / "manifest.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise RequestError(f"--out {cfg.out}: its manifest.json is unreadable; "
+                         "choose a new --out") from None
+    if key_id is None:
+        key_id = Deidentifier.from_env(cfg.key_file).key_id
+    if "config" in old:
+        fields = config_diff(old["config"], resolved_config(cfg))
+    elif old.get("config_hash") != cfg.config_hash():
+        raise RequestError(f"--out {cfg.out}: built with another configuration (by a version "
+                         "that did not record which fields); choose a new --out")
+    else:
+        fields = []
+    if old.get("deid_key_id") not in (None, key_id):
+        fields.append("de-identification key (--key-file / $REGIONCORPUS_KEY)")
+    if fields:
+        verb = "differs" if len(fields) == 1 else "differ"
+        raise RequestError(f"--out {cfg.out}: built with another configuration: "
+                         f"{', '.join(fields)} {verb}; choose a new --out")
+
+
+def _keys(keys: list[str]) -> dict:
+    return {"count": len(keys), "keys": keys}
+
+
+def summarize(n_found: int, markers: dict, cfg: BuildConfig, deid, timings, extra,
+              resume: Resume) -> dict:
+    """The manifest: counts summed from the commit markers (no table is re-read); ``extra``
+    holds what is fixed for the run (configuration, provenance)."""
     status, reasons, stage_s, rewritten = Counter(), Counter(), Counter(), Counter()
+    oom = []
     for m in markers.values():
         status.update(m.get("stats", {}).get("status", {}))
         reasons.update(m.get("stats", {}).get("quarantined_by_reason", {}))
         stage_s.update(m.get("stats", {}).get("stage_s", {}))
         rewritten.update(m.get("stats", {}).get("captions_rewritten", {}))
+        oom += m.get("stats", {}).get("out_of_memory_units", [])
     if cfg.captioner:
         extra = {**extra, "captions_rewritten": {"tried": rewritten["tried"],
                                                  "accepted": rewritten["accepted"]}}
     rows = {t: sum(m["tables"][t]["rows"] for m in markers.values() if t in m["tables"])
             for t in ("files", "series", "images", "regions")}
+    changed = resume.changed()
     return {
-        "pipeline_version": PIPELINE_VERSION, "config_hash": cfg.config_hash(),
-        "deid_key_id": deid.key_id, "found": n_found, "ingested": status["ingested"],
+        "pipeline_version": PIPELINE_VERSION, "deid_key_id": deid.key_id, "found": n_found, "ingested": status["ingested"],
         "quarantined": status["quarantined"], "skipped": status["skipped"],
         "quarantined_by_reason": dict(sorted(reasons.items())), "rows": rows,
-        "shards": {k: markers[k] for k in sorted(markers)}, "timings_s": timings,
+        "shards": {k: _entry(markers[k]) for k in sorted(markers)}, "timings_s": timings,
         "worker_stage_s": {k: round(v, 3) for k, v in sorted(stage_s.items())},
-        "complete": rows["files"] == n_found, **extra,
+        "missing_units": _keys(resume.missing), "changed_units": _keys(changed),
+        "out_of_memory_units": _keys(sorted(oom)), "missing_files": resume.missing_files,
+        "rebuilt_shards": resume.rebuild,
+        "complete": not resume.uncovered() and not oom and "discovery" in markers, **extra,
     }
 
 
-def quiet_libraries() -> None:
-    """pydicom's warnings quote header values (which may be PHI): keep them out of the logs."""
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    logging.getLogger("nibabel").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
-    warnings.filterwarnings("ignore", message=r".*VR .*")
+def _entry(marker: dict) -> dict:
+    """A marker as the manifest lists it: its unit keys counted, not listed."""
+    out = {k: v for k, v in marker.items() if k != "units"}
+    if "units" in marker:
+        out["n_units"] = len(marker["units"])
+    return out
 
 
 def _discover(cfg: BuildConfig, deid: Deidentifier):
     entries = walk([*cfg.sources, *(root for _, root in cfg.collections)], deid)
     _scan(entries, cfg)
     missing = missing_decoders(e.header.transfer_syntax for e in entries if e.header)
-    if missing:
-        log.warning("no installed decoder for: %s (those files will be quarantined)",
-                    ", ".join(f"{v} ({k})" for k, v in missing.items()))
+    if missing:  # which ones: the manifest's missing_decoders (UIDs only, vetted)
+        log.warning("no installed decoder for %d transfer syntaxes (their files will be "
+                    "quarantined; manifest.json: missing_decoders)", len(missing))
     return entries, group_units(entries, deid, cfg.collections), missing
 
 
-def _works(entries, tasks, cfg) -> list[ShardWork]:
-    n = cfg.execution.units_per_shard
-    out = []
-    for k, i in enumerate(range(0, len(tasks), n)):
-        chunk = tasks[i:i + n]
-        out.append(ShardWork(k, chunk, {j: entries[j] for t in chunk for j in unit_files(t)}))
-    return out
+def _verify(out: Path, entries, tasks, live: dict[str, dict]) -> Resume:
+    """Check the committed shards against the units found now: which are missing, which shards
+    are redone (units killed for lack of memory; units that gained files and lost none)."""
+    digests = {t.unit_key: task_digest(t, entries) for t in tasks}
+    resume = Resume(digests, unit_claims(out, live))
+    resume.missing = sorted(k for k in resume.claims if k not in digests)
+    redo = {s for s, m in live.items() if needs_rebuild(m)}
+    by_key = {t.unit_key: t for t in tasks}
+    for key in resume.changed():
+        shard = resume.claims[key][0]
+        now = {entries[i].file_key for i in unit_files(by_key[key])}
+        if shard_number(shard) is not None and shard not in redo \
+                and only_grew(out, live[shard], key, now):
+            redo.add(shard)
+    resume.rebuild = sorted(s for s in redo if shard_number(s) is not None)
+    return resume
+
+
+def _commit_discovery(out: Path, entries, in_units: set[int], works: list[ShardWork],
+                      markers: dict, resume: Resume) -> None:
+    """Commit the rows of files outside every unit: committed discovery shards keep theirs
+    (a shard whose rows another row now replaces is redone without them, before the pending
+    shards write that row); rows no discovery shard holds go into a new one."""
+    now = {e.file_key: file_row(e, None, None, e.status, e.reason, e.error)
+           for e in entries if e.index not in in_units}
+    committed = {}
+    for name, m in markers.items():
+        info = m["tables"].get("files", {})
+        if name.startswith("discovery"):
+            committed[name] = (pq.read_table(out / info["file"]).to_pylist()
+                               if info.get("file") else [])
+    found = {e.file_key for e in entries} if any(committed.values()) else set()
+    written = {e.file_key for w in works for e in w.entries.values()} if found else set()
+    rewrite, new, resume.missing_files = plan_discovery(now, committed, found, written)
+    for name, rows in rewrite.items():
+        m = markers[name]
+        tables = {"files": rows}
+        markers[name] = commit_shard(out, name, tables, table_stats(tables), {},
+                                     m.get("attempt", 0) + 1, marker_files(m))
+    if new or "discovery" not in markers:
+        tables = {"files": new}
+        name = discovery_name(markers)
+        markers[name] = commit_shard(out, name, tables, table_stats(tables), {})
 
 
 def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set
-          ) -> tuple[int, list[ShardWork], dict]:
-    """Discover, commit the discovery shard (files outside every unit) if not yet committed,
-    and cut the units into shards → (files found, pending shards, missing decoders).
+          ) -> tuple[int, list[ShardWork], dict, Resume]:
+    """Discover, check the committed shards (:func:`_verify`), cut the pending units into
+    shards, commit the discovery rows → (files found, pending shards, missing decoders,
+    resume report).
 
     The per-file entries are the one part of the driver's memory that grows with the
     collection: past this call only the pending shards' own entries stay referenced, and the
     Ray executor drops those once it has pickled them."""
     entries, tasks, missing = _discover(cfg, deid)
+    resume = _verify(cfg.out, entries, tasks, markers)
+    works = plan_shards(tasks, entries, markers, replaced, resume,
+                        cfg.execution.units_per_shard)
     in_units = {i for task in tasks for i in unit_files(task)}
-    if "discovery" not in markers:
-        rows = {"files": [file_row(e, None, None, e.status, e.reason, e.error)
-                          for e in entries if e.index not in in_units]}
-        markers["discovery"] = commit_shard(cfg.out, "discovery", rows, table_stats(rows))
-    works = _works(entries, tasks, cfg)
-    pending = [w for w in works if shard_name(w.k) not in markers.keys() | replaced]
-    print(f"{len(entries)} files, {len(tasks)} series in {len(works)} shards "
-          f"({len(works) - len(pending)} already committed)", file=sys.stderr)
-    return len(entries), pending, missing
+    _commit_discovery(cfg.out, entries, in_units, works, markers, resume)
+    n_new = sum(len(w.tasks) for w in works if w.attempt == 0)
+    print(f"{len(entries)} files, {len(tasks)} series: {n_new} new in "
+          f"{len(works) - len(resume.rebuild)} new shards, {len(resume.rebuild)} shards redone, "
+          f"{len(resume.missing)} committed series not found", file=sys.stderr)
+    return len(entries), works, missing, resume
 
 
 MANIFEST_EVERY_S = 5.0  # manifest refresh interval while shards commit
@@ -140,7 +264,6 @@ MANIFEST_EVERY_S = 5.0  # manifest refresh interval while shards commit
 
 def _provenance(cfg: BuildConfig) -> dict:
     from pipeline.captions.attributes import load_vocab
-    from pipeline.config import file_sha256
 
     return {"caption_version": load_vocab()["version"], "caption_seed": cfg.caption_seed,
             "executor": cfg.execution.executor,
@@ -149,18 +272,21 @@ def _provenance(cfg: BuildConfig) -> dict:
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Run a whole build; returns the manifest (also written to ``cfg.out/manifest.json``)."""
+    """Run a whole build; returns the manifest (also written to ``cfg.out/manifest.json``).
+    Raises RequestError (:func:`check_out_dir`) when ``cfg.out`` holds another build's corpus,
+    before any work."""
     cfg.validate()
     quiet_libraries()
     deid = Deidentifier.from_env(cfg.key_file)
+    check_out_dir(cfg, deid.key_id)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    _check_out_dir(cfg.out, cfg.config_hash())
     remove_stale_temporaries(cfg.out)
     timings, t = {}, time.monotonic()
     markers, replaced = committed_shards(cfg.out)
-    n_found, pending, missing = _plan(cfg, deid, markers, replaced)
+    n_found, pending, missing, resume = _plan(cfg, deid, markers, replaced)
     timings["discover"] = round(time.monotonic() - t, 3)
-    extra = {"missing_decoders": missing, **_provenance(cfg)}
+    extra = {"missing_decoders": missing, "config_hash": cfg.config_hash(),
+             "config": resolved_config(cfg), **_provenance(cfg)}
 
     last = [0.0]
 
@@ -169,14 +295,16 @@ def build(cfg: BuildConfig) -> dict:
         markers are the truth, the manifest their summary: rewriting it per shard would cost
         O(shards²) on big runs). The final manifest is written below."""
         markers[marker["shard"]] = marker
+        resume.commit(marker)
         if time.monotonic() - last[0] >= MANIFEST_EVERY_S:
-            write_manifest(cfg.out, summarize(n_found, markers, cfg, deid, timings, extra))
+            write_manifest(cfg.out, summarize(n_found, markers, cfg, deid, timings, extra,
+                                              resume))
             last[0] = time.monotonic()
 
     t = time.monotonic()
     run = run_ray if cfg.execution.executor == "ray" else run_local
     run(pending, cfg, deid, on_marker)
     timings["series"] = round(time.monotonic() - t, 3)
-    manifest = summarize(n_found, markers, cfg, deid, timings, extra)
+    manifest = summarize(n_found, markers, cfg, deid, timings, extra, resume)
     write_manifest(cfg.out, manifest)
     return manifest

@@ -15,24 +15,59 @@ ray:  a Ray Data pipeline over shards. CPU stage: an actor pool of 1-CPU actors 
     YOLO and SAM share one actor per GPU: both models stay resident, an image is decoded once
     for both, and the GPU is never split between two processes. The stage that finishes a
     shard writes it (temp → rename → marker), so the driver only ever sees small markers.
+
+Memory, per node (Ray): each CPU actor reserves Ray's ``memory`` resource for what its unit
+workers may allocate (``--unit-memory-mb``, the address-space cap above what a forked child
+inherits, × the children it runs at once), each model actor :data:`MODEL_ACTOR_BYTES`. Ray places
+an actor on a node only while the reservations there stay within the node's ``memory``
+resource (by default its available memory at start less the object store), so the units running
+at once on a node cannot add up past it; the CPU pool is sized to what the nodes hold
+(:func:`ray_pool_plan`).
+
+Library loggers: pydicom's warnings quote header values (PHI). :func:`quiet_libraries` runs in
+the driver, in each Ray actor's ``__init__`` and before the local executor forks; forked unit
+workers inherit it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import sys
 import time
+import warnings
 from functools import partial
 
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, check_cluster_gpus, model_actor_gpus
 from pipeline.ingest.deid import Deidentifier
 from pipeline.run.isolate import Isolator
 from pipeline.run.shards import ShardWork, failed_unit, finish_shard
 from pipeline.run.unit import process_unit
 
+log = logging.getLogger("regioncorpus")
+
+CPU_ACTOR_CHILDREN = 1  # unit workers a Ray CPU actor runs at once (its Isolator's width)
+# Host memory a model actor reserves: an estimate for SAM ViT-B (0.4 GB of fp32 weights, a
+# 1024² encoder pass on CPU ~1.5 GB of activations) + YOLO (< 0.1 GB) + torch's runtime and,
+# on a GPU, its CUDA context (~1 GB) + one shard's unpickled unit results: 4 GiB.
+MODEL_ACTOR_BYTES = 4 << 30
+
 _last = [0.0]
+
+
+def quiet_libraries() -> None:
+    """pydicom's and nibabel's warnings and log records quote header values (which may be PHI):
+    keep them out of every log. Forked children inherit the levels and filters."""
+    import nibabel  # noqa: F401  (imported first: importing pydicom sets its logger's level)
+    import pydicom  # noqa: F401
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    logging.getLogger("nibabel").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    warnings.filterwarnings("ignore", module=r"nibabel(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*VR .*")
 
 
 def progress(stage: str, done: int, total: int, t0: float) -> None:
@@ -78,6 +113,7 @@ def run_local(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_m
 
         models = ModelStage(cfg.regions)  # lives in this process; forked children never use it
     one_thread_per_worker()  # inherited by the forked workers
+    quiet_libraries()  # likewise
     flat = [(w, t) for w in works for t in w.tasks]
     results: dict[int, dict] = {w.k: {} for w in works}
     t0 = time.monotonic()
@@ -97,7 +133,9 @@ class _CpuShard:
 
     def __init__(self, cfg: BuildConfig, deid: Deidentifier):
         one_thread_per_worker()  # inherited by the forked children
-        self.cfg, self.isolator = cfg, unit_isolator(cfg, deid, 1)
+        quiet_libraries()  # a Ray worker process: nothing of the driver's setup reaches it
+        self.cfg = cfg
+        self.isolator = unit_isolator(cfg, deid, CPU_ACTOR_CHILDREN)
 
     def __call__(self, row: dict) -> dict:
         work: ShardWork = pickle.loads(row["work"])
@@ -116,12 +154,36 @@ class _ModelShard:
     def __init__(self, cfg: BuildConfig):
         from pipeline.roi.propose import ModelStage
 
+        quiet_libraries()
         self.cfg, self.models = cfg, ModelStage(cfg.regions)
 
     def __call__(self, row: dict) -> dict:
         work, results = pickle.loads(row["work"]), pickle.loads(row["results"])
         return {"k": row["k"], "marker": json.dumps(finish_shard(work, results, self.cfg,
                                                                  self.models))}
+
+
+def ray_pool_plan(nodes: list[dict], cfg: BuildConfig, shards: int) -> tuple[int, int, int]:
+    """(CPU actors, bytes each CPU actor reserves, bytes each model actor reserves) for the
+    alive nodes' resources (``ray.nodes()[i]["Resources"]``: "CPU", "memory" in bytes).
+
+    A CPU actor reserves its unit cap × :data:`CPU_ACTOR_CHILDREN`; where no node holds one CPU
+    actor and one model actor, both reservations shrink to fit the largest (said in the log).
+    The pool is at most the CPU actors the nodes hold by CPU and by memory, less the slots the
+    model actors take, at least 1 and at most one per shard."""
+    uses_models = cfg.regions.uses_models
+    cpu_mem = (cfg.execution.unit_memory_mb << 20) * CPU_ACTOR_CHILDREN
+    model_mem = MODEL_ACTOR_BYTES if uses_models else 0
+    largest = int(max((r.get("memory", 0) for r in nodes), default=0))
+    if 0 < largest < cpu_mem + model_mem:
+        log.warning("--unit-memory-mb %d: no node holds it (largest: %d MiB); reserving "
+                    "what fits", cfg.execution.unit_memory_mb, largest >> 20)
+        scale = largest / (cpu_mem + model_mem)
+        cpu_mem, model_mem = int(cpu_mem * scale), int(model_mem * scale)
+    fits = sum(min(int(r.get("CPU", 0)), int(r.get("memory", 0) // cpu_mem)) for r in nodes)
+    model_actors = cfg.execution.model_actors if uses_models else 0
+    displaced = model_actors * max(1, -(-model_mem // cpu_mem))  # a CPU and model_mem each
+    return max(1, min(shards, fits - displaced)), cpu_mem, model_mem
 
 
 def _ray_init(cfg: BuildConfig) -> bool:
@@ -148,6 +210,9 @@ def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_mar
 
     started = _ray_init(cfg)
     try:
+        # before any work reaches the cluster: --device auto resolved against its GPUs, and a
+        # model stage that would wait forever for GPUs the cluster lacks refused
+        cfg = check_cluster_gpus(cfg, ray.cluster_resources())
         items = [{"k": w.k, "work": pickle.dumps(w)} for w in works]
         works.clear()  # the shards' file entries now live only in ``items`` (smaller, pickled)
         n = len(items)
@@ -159,21 +224,19 @@ def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_mar
         del items  # in the object store now
         ex = cfg.execution
         retries = ex.max_retries  # explicit: Ray's default for crashed workers is to retry
-        model_cpus = ex.model_actors if cfg.regions.uses_models else 0
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        cpu_actors = max(1, min(n, cpus - model_cpus))
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        cpu_actors, cpu_mem, model_mem = ray_pool_plan(nodes, cfg, n)
         # one shard running and one queued per actor: no idle gap, and at the end no actor
         # holds a backlog while another has none
         ds = ds.map(_CpuShard, fn_constructor_kwargs={"cfg": cfg, "deid": deid},
                     compute=ray.data.ActorPoolStrategy(size=cpu_actors,
                                                        max_tasks_in_flight_per_actor=2),
-                    num_cpus=1, max_restarts=retries, max_task_retries=retries)
+                    num_cpus=1, memory=cpu_mem, max_restarts=retries,
+                    max_task_retries=retries)
         if cfg.regions.uses_models:
-            gpus = ex.gpus_per_actor if ex.gpus_per_actor >= 0 else (
-                1.0 if cfg.regions.device.startswith("cuda") else 0.0)
             ds = ds.map(_ModelShard, fn_constructor_kwargs={"cfg": cfg},
                         compute=ray.data.ActorPoolStrategy(size=ex.model_actors),
-                        num_gpus=gpus, num_cpus=1,
+                        num_gpus=model_actor_gpus(cfg), num_cpus=1, memory=model_mem,
                         max_restarts=retries, max_task_retries=retries)
         t0 = time.monotonic()
         for done, row in enumerate(ds.iter_rows(), 1):

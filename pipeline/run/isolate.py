@@ -2,9 +2,10 @@
 
 A decoder that segfaults, hangs or allocates without bound takes down only its own child: the
 parent turns that into an :class:`IngestError` (``decode_crash``, ``decode_timeout``,
-``decode_memory``) for the item and goes on. At most ``workers`` children run at once. Each
-child is forked (cheap, no re-import) with the work function and serves items one at a time:
-the parent sends a pickled item down a pipe and reads the pickled result back. A child serves
+``out_of_memory``) for the item, after one retry alone where the cause may be the machine's
+(below), and goes on. At most ``workers`` children run at once. Each child is forked (cheap, no
+re-import) with the work function and serves items one at a time: the parent sends a pickled
+item down a pipe and reads the pickled result back. A child serves
 up to ``items_per_child`` items and is then replaced, so its warm heap and caches are reused (a
 fresh fork per item spent ~20 % more time in page faults and first-use work) while a slow leak
 or address-space creep cannot build up. What a child inherits is frozen out of its garbage
@@ -13,6 +14,16 @@ collections cost 4.5 % of a child's CPU time plus copy-on-write faults on their 
 regions, local executor: collector 8.0 → 1.2 s, page faults −27 %, build 94.3 → 91.0 s).
 A child that dies or overruns the timeout costs only the item it was working on; the parent
 forks a fresh one for the rest.
+
+A child killed by a signal (SIGKILL is what the kernel's OOM killer sends, and it may pick any
+large process, not the one that grew) or one whose item ran out of its address space
+(``MemoryError``) is not yet a verdict on the item: the item is retried once, alone (the other
+children finish first, idle ones are closed, nothing else is submitted meanwhile), in a fresh
+child with the full cap. Only if that attempt also fails does the item get an error:
+``out_of_memory`` when it was killed by SIGKILL or ran out of memory again (not the file's
+fault: left for a rerun with more memory), ``decode_crash`` for another signal (a decoder that
+crashes twice on the same input alone). An exception the item's own code raised, an exit without
+a result and a timeout are verdicts at once.
 
 :class:`Isolator` keeps its idle children between calls of :meth:`Isolator.map` (a Ray actor
 serves shard after shard with the same warm children); :func:`run_isolated` is one call.
@@ -26,8 +37,8 @@ import multiprocessing as mp
 import os
 import pickle
 import resource
+import signal
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
@@ -55,9 +66,8 @@ def _apply(fn, item) -> tuple[str, object]:
         return "err", IngestError("decode_memory", "exceeded the memory cap")
     except IngestError as e:
         return "err", e
-    except Exception as e:  # a bug or an unexpected library error: becomes a row
-        tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        return "err", IngestError("internal", tb[:500])
+    except Exception:  # a bug or an unexpected library error: becomes a row, never its text
+        return "err", IngestError("internal")
 
 
 def _serve(fn, tasks, results, mem_bytes: int, inherited: list) -> None:
@@ -101,6 +111,39 @@ def _is_memory_error(payload) -> bool:
     return payload[0] == "err" and getattr(payload[1], "reason", None) == "decode_memory"
 
 
+# Ways a child can fail an item that are not a verdict on the item until it fails alone again.
+_OOM, _SIGNAL = "memory", "signal"
+
+
+def _system_failure(status: str, value) -> str | None:
+    """``_OOM`` (SIGKILL, the OOM killer's signal, or MemoryError under the cap), ``_SIGNAL``
+    (death by another signal) or None (a result, the item's own error, or an exit)."""
+    if status == "died":
+        if value == -signal.SIGKILL:
+            return _OOM
+        return _SIGNAL if isinstance(value, int) and value < 0 else None
+    if status == "err" and getattr(value, "reason", None) == "decode_memory":
+        return _OOM
+    return None
+
+
+def _verdict(status: str, value, retried: bool) -> tuple[str, object]:
+    """The (status, value) yielded for an item's final attempt."""
+    if status != "died":
+        if retried and _system_failure(status, value) == _OOM:
+            return "err", IngestError("out_of_memory", "the worker ran out of memory twice, the "
+                                                       "second time alone with the full cap")
+        return status, value
+    kind = _system_failure(status, value)
+    if kind == _OOM:
+        return "err", IngestError("out_of_memory", "the worker was killed (SIGKILL, as the OOM "
+                                                   "killer sends) twice, the second time alone")
+    if kind == _SIGNAL:
+        return "err", IngestError("decode_crash", "the worker process died by a signal twice, "
+                                                  "the second time alone")
+    return "err", IngestError("decode_crash", "the worker process exited without a result")
+
+
 _PARENT_ENDS: set = set()  # this process's ends of its live children's pipes
 
 
@@ -131,6 +174,7 @@ class _Child:
         result_send.close()
         _PARENT_ENDS.update((self.tasks, self.results))
         self.index, self.started, self.served = -1, 0.0, 0
+        self.solo = False  # serves one retried item, alone (see the module doc)
 
     def submit(self, index: int, item) -> None:
         self.index, self.started = index, time.monotonic()
@@ -140,13 +184,13 @@ class _Child:
             pass
 
     def receive(self) -> tuple[str, object, bool]:
-        """(status, value, still serving) for the item in flight."""
+        """(status, value, still serving) for the item in flight: status "ok" or "err" with the
+        item's result, or "died" with the child's exit code (negative: the signal)."""
         try:
             data = self.results.recv_bytes()
         except (EOFError, OSError):
             self.proc.join(5)
-            return "err", IngestError(
-                "decode_crash", f"worker process died (exit code {self.proc.exitcode})"), False
+            return "died", self.proc.exitcode, False
         payload = _loads(data)
         self.served += 1
         return payload[0], payload[1], not _is_memory_error(payload)
@@ -190,38 +234,60 @@ class Isolator:
         else:
             child.close(kill=not serving)
 
+    def _drop_idle(self) -> None:
+        """Close the idle children: a retried item gets the memory they hold."""
+        for child in self.idle:
+            child.close()
+        self.idle = []
+
+    def _submit(self, items: list, pending: deque, retry: deque, busy: dict) -> None:
+        """Fill free slots from ``pending``; while an item waits for or runs its retry, the
+        others drain and the retry then runs alone in a fresh child."""
+        if retry or any(c.solo for c in busy.values()):
+            if retry and not busy:
+                self._drop_idle()
+                child = _Child(self.fn, self.mem_bytes)
+                child.solo = True
+                i = retry.popleft()
+                child.submit(i, items[i])
+                busy[child.results] = child
+            return
+        while pending and len(busy) < self.workers:
+            child = self._child()
+            i = pending.popleft()
+            child.submit(i, items[i])
+            busy[child.results] = child
+
     def map(self, items: Iterable) -> Iterator[tuple[int, str, object]]:
         """Yields (index, "ok" | "err", result or IngestError) as items finish (not in order)."""
         items = list(items)
-        pending = deque(range(len(items)))
+        pending, retry = deque(range(len(items))), deque()
         busy: dict[object, _Child] = {}
         try:
-            while pending or busy:
-                while pending and len(busy) < self.workers:
-                    child = self._child()
-                    i = pending.popleft()
-                    child.submit(i, items[i])
-                    busy[child.results] = child
+            while pending or retry or busy:
+                self._submit(items, pending, retry, busy)
                 for conn in wait(list(busy), timeout=0.2):
                     child = busy.pop(conn)
                     status, value, serving = child.receive()
+                    solo, child.solo = child.solo, False  # a fresh child from now on
                     self._finish(child, serving)  # before the yield: the caller may stop here
-                    yield child.index, status, value
+                    if not solo and _system_failure(status, value):
+                        retry.append(child.index)  # not a verdict yet: once more, alone
+                        continue
+                    yield child.index, *_verdict(status, value, solo)
                 now = time.monotonic()
                 for conn, child in list(busy.items()):
                     if now - child.started > self.timeout_s:
                         busy.pop(conn)
                         child.close(kill=True)
                         yield child.index, "err", IngestError(
-                            "decode_timeout", f"exceeded the {self.timeout_s:.0f} s limit")
+                            "decode_timeout", "exceeded the unit time limit")
         finally:
             for child in busy.values():  # abandoned mid-item: their state is unknown
                 child.close(kill=True)
 
     def close(self) -> None:
-        for child in self.idle:
-            child.close()
-        self.idle = []
+        self._drop_idle()
 
     def __enter__(self) -> Isolator:
         return self

@@ -4,6 +4,10 @@
 local executor in a forked child under a timeout and memory cap). It reads and de-identifies
 the volume, pairs the label map, cuts 2D images, and returns rows for the series, images and
 files tables. Every problem becomes a file outcome; nothing is raised.
+
+A file the operating system will not open any more (it vanished after discovery, its
+permissions changed) is a ``filesystem`` outcome, whatever the reader called it: readers turn
+an OSError into ``unreadable``, and the OS's own message for it is the path.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from pipeline.captions.describe import describe_image
+from pipeline.captions.structures import safe_label_names
 from pipeline.config import PIPELINE_VERSION, BuildConfig
 from pipeline.errors import SKIP_REASONS, IngestError
 from pipeline.geometry import body_mask, present_values, to_uint8
@@ -22,6 +27,7 @@ from pipeline.images.png import decode_png
 from pipeline.images.slicing import SliceConfig, cut_images
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.dicom_io import dcmread_safe
+from pipeline.ingest.discover import as_filesystem
 from pipeline.ingest.read import read_dicom_series, read_nifti
 from pipeline.ingest.units import UnitTask
 from pipeline.ingest.volume import Volume
@@ -74,29 +80,56 @@ def image_id(unit_key: str, plane: str, index: int, window: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
+# What a reader may let through from the operating system (not parse errors: those are
+# IngestErrors): a file that vanished or changed under it, a name that is not UTF-8.
+READ_FS_ERRORS = (OSError, UnicodeEncodeError)
+
+
+def _record(result: UnitResult, idx: int, path, err: IngestError, status=None) -> None:
+    """File ``idx``'s outcome from ``err``: ``status`` (default: by reason), or a quarantined
+    ``filesystem`` outcome when ``path`` no longer opens."""
+    err = as_filesystem(err, path)
+    if status is None or err.reason == "filesystem":
+        status = outcome(err)
+    result.files[idx] = (status, err.reason, err.message)
+
+
+def _read_nifti_volume(task: UnitTask, cfg: BuildConfig, deid: Deidentifier, result):
+    idx, path = task.image_files[0]
+    try:
+        return read_nifti(path, deid, task.identity, task.modality, cfg.read)
+    except IngestError as e:
+        _record(result, idx, path, e)
+    except READ_FS_ERRORS:
+        _record(result, idx, path, IngestError("filesystem"))
+    return None
+
+
 def _read_image_volume(task: UnitTask, cfg: BuildConfig, deid: Deidentifier, result):
     if task.kind == "nifti":
-        idx, path = task.image_files[0]
-        try:
-            vol = read_nifti(path, deid, task.identity, task.modality, cfg.read)
-        except IngestError as e:
-            result.files[idx] = (outcome(e), e.reason, e.problem)
-            return None
-        return vol
-    read = read_dicom_series([p for _, p in task.image_files], deid, cfg.read, task.headers)
+        return _read_nifti_volume(task, cfg, deid, result)
+    try:
+        read = read_dicom_series([p for _, p in task.image_files], deid, cfg.read, task.headers)
+    except READ_FS_ERRORS:
+        for idx, path in task.image_files:
+            _record(result, idx, path, IngestError("filesystem"), "quarantined")
+        return None
     for pos, err in read.file_errors.items():
-        result.files[task.image_files[pos][0]] = ("quarantined", err.reason, err.problem)
+        _record(result, *task.image_files[pos], err, "quarantined")
     if read.volume is None:
-        err = read.error
-        for idx, _ in task.image_files:
-            result.files.setdefault(idx, ("quarantined", err.reason, err.problem))
+        for idx, path in task.image_files:
+            if idx not in result.files:
+                _record(result, idx, path, read.error, "quarantined")
     return read.volume
 
 
-def _attach_labels(task: UnitTask, vol: Volume, result: UnitResult) -> str:
+def _attach_labels(task: UnitTask, vol: Volume, result: UnitResult,
+                   allow_unknown_names: bool = False) -> str:
+    """Read the unit's label source onto ``vol``'s grid; every label name read from a file
+    passes the structure vocabulary here (an unknown one becomes ``structure_<value>``)."""
     if task.label_file is None:
         return "none"
-    idx, path = task.label_file
+    path = task.label_file[1]
     try:
         if task.label_kind == "masks":
             labels, names = read_mask_folder([p for _, p in task.mask_files], vol, task.names)
@@ -109,18 +142,26 @@ def _attach_labels(task: UnitTask, vol: Volume, result: UnitResult) -> str:
             ds = dcmread_safe(path)
             reader = rasterize_rtstruct if task.label_kind == "rtstruct" else read_dicom_seg
             labels, names = reader(ds, vol)
+    except READ_FS_ERRORS:
+        return _labels_refused(task, IngestError("filesystem"), result)
     except IngestError as e:
-        for j, _ in task.mask_files or [task.label_file]:
-            result.files[j] = ("quarantined", e.reason, e.problem)
-        if task.names_file:
-            result.files[task.names_file[0]] = ("skipped", "sidecar", "its label map was refused")
-        return "none"
-    vol.labels, vol.label_names = labels, names
+        return _labels_refused(task, e, result)
+    vol.labels, vol.label_names = labels, safe_label_names(names, allow_unknown_names)
     for j, _ in task.mask_files or [task.label_file]:
         result.files[j] = ("ingested", "ok", None)
     if task.names_file:
         result.files[task.names_file[0]] = ("ingested", "sidecar", None)
     return task.label_kind
+
+
+def _labels_refused(task: UnitTask, err: IngestError, result: UnitResult) -> str:
+    """Outcomes of a unit's label files (and names sidecar) when its label map is refused."""
+    for j, path in task.mask_files or [task.label_file]:
+        _record(result, j, path, err, "quarantined")
+    if task.names_file:
+        idx, path = task.names_file
+        _record(result, idx, path, IngestError("sidecar", "its label map was refused"), "skipped")
+    return "none"
 
 
 def _series_row(task, vol: Volume, label_source: str, split: str, n_images: int) -> dict:
@@ -138,7 +179,8 @@ def _series_row(task, vol: Volume, label_source: str, split: str, n_images: int)
         "contrast": m.get("contrast"), "study_date_shifted": m.get("study_date_shifted"),
         "inverted_monochrome1": m.get("inverted_monochrome1"),
         "color_to_luminance": m.get("color_to_luminance"),
-        "geometry_known": m.get("geometry_known", True), "deid_key_id": m["deid_key_id"],
+        "geometry_known": m.get("geometry_known", True), "resampled": m.get("resampled"),
+        "deid_key_id": m["deid_key_id"],
     }
 
 
@@ -214,7 +256,7 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
         if task.names_file:
             result.files[task.names_file[0]] = ("skipped", "sidecar", "image not ingested")
         return result
-    label_source = _attach_labels(task, vol, result)
+    label_source = _attach_labels(task, vol, result, cfg.read.allow_unknown_label_names)
     clock.mark("labels")
     split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
     images = cut_images(vol, _slicing_for(vol, cfg.slicing))  # 4D: frame cfg.slicing.frame

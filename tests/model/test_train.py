@@ -1,5 +1,6 @@
 """Training on a 4-patient phantom corpus: the loss falls, a killed run resumes with the same
-losses, checkpoints are atomic, the CLI rejects bad flags."""
+losses, checkpoints are atomic, a rerun into a run needs --resume or --overwrite, the CLI
+rejects bad flags."""
 
 from __future__ import annotations
 
@@ -96,6 +97,40 @@ def test_cli_rejects_bad_flags(tiny_corpus, tmp_path, capsys):
     assert train_main(args + ["--address", "local", "--ray-workers", "0"]) == 2
     assert "--ray-workers" in capsys.readouterr().err
     assert not (tmp_path / "r" / "ckpt").exists()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_rerun_is_refused_unless_resume_or_overwrite(tiny_corpus, micro_preset, tmp_path, capsys):
+    """A finished run: rerunning into it is refused (files byte-identical); --resume continues
+    it (nothing left to do: the log and checkpoint stay); --overwrite starts over, deleting
+    the run's own files and nothing else in the folder."""
+    run = tmp_path / "run"
+    args = ["--corpus", str(tiny_corpus), "--out", str(run), "--preset", str(micro_preset),
+            "--steps", "2"]
+    assert train_main(args) == 0
+    (run / "notes.txt").write_text("mine")
+    before = _tree(run)
+    capsys.readouterr()
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" in err and "--overwrite" in err
+    assert _tree(run) == before
+    with pytest.raises(ValueError, match="--overwrite"):  # the library refuses too
+        train(_opts(tiny_corpus, micro_preset, run, steps=2))
+    assert _tree(run) == before
+    assert train_main(args + ["--resume"]) == 0
+    assert [s for s, _ in _losses(run)] == [1, 2] and load_checkpoint(run)["step"] == 2
+    (run / "tokenizer" / "stale.json").write_text("{}")
+    (run / "ckpt" / ".last.pt.tmp-1").write_text("x")
+    assert train_main(args + ["--overwrite"]) == 0
+    assert [s for s, _ in _losses(run)] == [1, 2] and load_checkpoint(run)["step"] == 2
+    assert not (run / "tokenizer" / "stale.json").exists()
+    assert not (run / "ckpt" / ".last.pt.tmp-1").exists()
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_presets_load():

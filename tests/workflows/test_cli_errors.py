@@ -27,7 +27,7 @@ MAINS = {"make-phantoms": make_phantoms.main, "build-corpus": build_corpus.main,
 CANARY = "CANARY7F3A"  # in every fixture file's contents; never in an error message
 
 EVAL = ["--corpus", "{corpus}", "--run", "{run}", "--out", "{out}/report.json"]
-DET = ["--corpus", "{corpus}", "--out", "{out}"]
+DET = ["--corpus", "{labelled}", "--out", "{out}"]
 TRAIN = ["--corpus", "{corpus}", "--out", "{out}"]
 
 # (prog, argv, flag, bad value): each passes argparse and fails validation. {out} is the
@@ -51,6 +51,8 @@ CASES = [
     ("train-detector", [*DET, "--conf", "2"], "--conf", "2"),
     ("train-detector", ["--corpus", "{tmp}/nope", "--out", "{out}"], "--corpus", "{tmp}/nope"),
     ("train-detector", ["{src}", *DET], "SOURCE/--corpus", None),
+    ("train-detector", ["--corpus", "{tmp}/images_only", "--out", "{out}"], "--corpus",
+     "{tmp}/images_only"),
     # found only once the corpus is read: no lesion-like label (the labels are canaries)
     ("train-detector", ["--corpus", "{labelled}", "--out", "{out}"], "--classes", None),
     ("train-detector", ["--corpus", "{labelled}", "--out", "{out}", "--classes", "spleen_mass"],
@@ -86,6 +88,8 @@ def _fixtures(tmp: Path) -> dict[str, str]:
     (tmp / "src" / "slice.dcm").write_text(CANARY)
     (tmp / "file").write_text(CANARY)
     (tmp / "corpus" / "images").mkdir(parents=True)
+    (tmp / "corpus" / "manifest.json").write_text('{"shards": {}}')  # a corpus's mark
+    (tmp / "images_only" / "images").mkdir(parents=True)  # no manifest: not a corpus
     (tmp / "run" / "ckpt").mkdir(parents=True)
     (tmp / "run" / "ckpt" / "last.pt").write_text(CANARY)
     (tmp / "catalog").mkdir()
@@ -97,7 +101,10 @@ def _fixtures(tmp: Path) -> dict[str, str]:
              "image": {"bytes": CANARY.encode(), "path": None}, "pixel_spacing_mm": [1.0, 1.0]}
     region = {"region_id": "r0", "image_id": "i0", "label": f"{CANARY}_organ",
               "source": "labels", "bbox": [0.0, 0.0, 4.0, 4.0]}
-    commit_shard(tmp / "labelled", "shard-00000", {"images": [image], "regions": [region]})
+    marker = commit_shard(tmp / "labelled", "shard-00000",
+                          {"images": [image], "regions": [region]})
+    (tmp / "labelled" / "manifest.json").write_text(json.dumps({"shards": {"shard-00000":
+                                                                           marker}}))
     names = ("src", "file", "corpus", "run", "catalog", "broken", "labelled")
     return {"tmp": str(tmp), "out": str(tmp / "out"), **{n: str(tmp / n) for n in names}}
 

@@ -143,6 +143,7 @@ def test_box_recall_hand_made():
 ])
 def test_flags_validated(tmp_path, capsys, argv, flag):
     (tmp_path / "images").mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": {}}))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
     assert flag in capsys.readouterr().err
@@ -164,7 +165,8 @@ def make_corpus(root: Path) -> Path:
             for sq in squares:
                 regions.append(region_row(image_id, "lung_nodule", sq, split=split,
                                           max_diameter_mm=s * 0.5 * 2 ** 0.5))
-    commit_shard(root, "shard-00000", {"images": images, "regions": regions})
+    marker = commit_shard(root, "shard-00000", {"images": images, "regions": regions})
+    (root / "manifest.json").write_text(json.dumps({"shards": {"shard-00000": marker}}))
     return root
 
 

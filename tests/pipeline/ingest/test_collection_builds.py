@@ -62,7 +62,7 @@ def test_brats_sequences_share_one_label_map(tmp_path):
     out = tmp_path / "out"
     assert main(["--collection", "brats", str(root), "--out", str(out), "--every-k", "0"]) == 0
     series = _rows(out, "series")
-    assert len(series) == 4 and all(s["label_names"] == ["ED"] for s in series)
+    assert len(series) == 4 and all(s["label_names"] == ["peritumoral_edema"] for s in series)  # BraTS "ED"
     files = _rows(out, "files")
     assert len(files) == 5 and len({f["file_key"] for f in files}) == 5
     assert all(f["status"] == "ingested" for f in files)

@@ -27,7 +27,7 @@ def test_rtstruct_pairs_with_its_series(tmp_path):
     out = tmp_path / "out"
     assert main([str(src), "--out", str(out), "--every-k", "0"]) == 0
     (series,) = _rows(out, "series")
-    assert series["label_source"] == "rtstruct" and series["label_names"] == ["tumour"]
+    assert series["label_source"] == "rtstruct" and series["label_names"] == ["tumor"]  # via the vocabulary
     images = _rows(out, "images")
     assert [(i["slice_index"], i["label_values"]) for i in images] == [(1, [1])]
     assert {r["status"] for r in _rows(out, "files")} == {"ingested"}
@@ -60,12 +60,13 @@ def test_seg_suffix_rule_and_mismatch_quarantines_only_the_label(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
-    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), aff), src / "a.nii.gz")
+    img = np.arange(256, dtype=np.int16).reshape(8, 8, 4)  # signal (a blank volume is refused)
+    nib.save(nib.Nifti1Image(img, aff), src / "a.nii.gz")
     lab = np.zeros((8, 8, 4), np.uint8)
     lab[2:4, 2:4, 1] = 3
     nib.save(nib.Nifti1Image(lab, aff), src / "a_seg.nii.gz")
     (src / "a_seg.json").write_text(json.dumps({"3": "nodule"}))
-    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), aff), src / "b.nii.gz")
+    nib.save(nib.Nifti1Image(img, aff), src / "b.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 5), np.uint8), aff), src / "b_seg.nii.gz")
     out = tmp_path / "out"
     assert main([str(src), "--out", str(out)]) == 0

@@ -261,7 +261,7 @@ def test_nifti_mismatch(tmp_path):
     with pytest.raises(IngestError) as err:
         read_nifti_labels(tmp_path / "short.nii.gz", vol)
     assert err.value.reason == "label_mismatch"
-    assert "(40, 30, 9)" in err.value.problem and "(40, 30, 10)" in err.value.problem
+    assert err.value.message == "label map shape differs from the image's"  # no shapes quoted
     moved = vol.affine.copy()
     moved[0, 3] += 1.0
     nib.save(nib.Nifti1Image(canonical_labels(s), moved), tmp_path / "moved.nii.gz")
