@@ -9,6 +9,7 @@ read.py         ``read_volume`` / ``read_dicom_series`` / ``read_nifti``: budget
                 decoded size from JPEG / JPEG-LS / J2K / deflate bytes, before decoding),
                 decode (dicom_io, dicom_pixels; header values validated where parsed in
                 dicom_values.py), Siemens mosaics de-tiled (mosaic.py), assemble
-                (dicom_series), tilted stacks resampled (tilt.py), de-identify (deid) →
+                (dicom_series), tilted stacks resampled (tilt.py), NIfTI voxels within their
+                budget (nifti_voxels.py), de-identify (deid) →
                 ``Volume`` (volume.py: array in closest-canonical RAS+, affine, clean meta)
 """

@@ -17,9 +17,7 @@ they are parsed (dicom_values.py), and a volume without signal is refused (``no_
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +36,15 @@ from pipeline.ingest.dicom_io import (
 )
 from pipeline.ingest.dicom_pixels import frames_of
 from pipeline.ingest.dicom_series import assemble, planes_of
-from pipeline.ingest.dicom_values import FLOAT32_MAX, as_float, get_value
+from pipeline.ingest.dicom_values import get_value
 from pipeline.ingest.mosaic import mosaic_count, mosaic_planes
+from pipeline.ingest.nifti_voxels import (
+    load_nifti,
+    nifti_scaling,
+    nifti_shape,
+    nifti_voxels,
+    stored_header,
+)
 from pipeline.ingest.tilt import RESAMPLED, deshear, is_sheared
 from pipeline.ingest.volume import LPS_TO_RAS, Volume, check_affine, to_canonical
 
@@ -205,121 +210,6 @@ def _nifti_modality(data: np.ndarray, hint: str | None) -> tuple[str, str]:
     return ("CT" if np.percentile(sample, 1) <= -900 else "MR"), "heuristic"
 
 
-def _load_nifti(path: Path):
-    """``nib.load`` with every failure turned into a fixed-message :class:`IngestError`."""
-    try:
-        return nib.load(str(path))
-    except nib.spatialimages.HeaderDataError as e:
-        # nibabel refuses a valid slope with a non-finite intercept while loading
-        if "intercept" in str(e):
-            raise IngestError("bad_scaling", "NIfTI scl_inter is not a finite number",
-                              path) from None
-        raise IngestError("unreadable", "not a readable NIfTI file", path) from None
-    except (gzip.BadGzipFile, zlib.error):
-        raise IngestError("unreadable", "not a readable NIfTI file (bad gzip stream)",
-                          path) from None
-    except EOFError:
-        raise IngestError("truncated", "NIfTI file ends before its header", path) from None
-    except OSError:
-        raise IngestError("filesystem", "the file could not be opened or read", path) from None
-    except Exception:  # nibabel raises many types for corrupt headers; never quoted
-        raise IngestError("unreadable", "not a readable NIfTI file", path) from None
-
-
-def _stored_header(img, path: Path):
-    """The header as stored in the file: nibabel resets scl_slope/scl_inter in ``img.header``
-    once the data proxy holds them (and silently drops an infinite slope)."""
-    try:
-        with nib.openers.ImageOpener(str(path)) as f:
-            return img.header_class.from_fileobj(f, check=False)
-    except OSError:
-        raise IngestError("filesystem", "the file could not be opened or read", path) from None
-    except Exception:
-        raise IngestError("unreadable", "not a readable NIfTI file", path) from None
-
-
-def nifti_scaling(header, path: object = None) -> tuple[float, float] | None:
-    """(slope, intercept) a NIfTI header applies, or None when it applies none.
-
-    scl_slope 0 (the standard) or NaN (nibabel's "unset", written by every nibabel save) means
-    no scaling; an infinite slope, or a non-finite intercept with a slope, is ``bad_scaling``.
-    """
-    raw = np.asarray(header["scl_slope"], dtype=np.float64).item()
-    if np.isnan(raw) or raw == 0.0:
-        return None
-    slope = as_float(raw)
-    inter = as_float(np.asarray(header["scl_inter"], dtype=np.float64).item())
-    if slope is None or inter is None:
-        raise IngestError("bad_scaling", "NIfTI scl_slope or scl_inter is not a finite number",
-                          path)
-    return None if (slope, inter) == (1.0, 0.0) else (slope, inter)
-
-
-def _as_float32(data: np.ndarray, path) -> np.ndarray:
-    """Voxel values as float32 (int8/16 and uint8/16 kept); ``bad_scaling`` when a finite
-    value does not fit in float32 (an overflowing scale factor or float64 data)."""
-    if data.dtype.kind != "f" and data.dtype.itemsize <= 2:
-        return data
-    if data.dtype.kind == "f" and data.dtype.itemsize > 4:
-        finite = np.isfinite(data)
-        peak = max(np.max(data, where=finite, initial=0.0), -np.min(data, where=finite,
-                                                                      initial=0.0))
-        if peak > FLOAT32_MAX:
-            raise IngestError("bad_scaling", "scaled voxel values overflow float32", path)
-    return data.astype(np.float32, copy=False)
-
-
-def _nifti_shape(img, scaling, cfg: ReadConfig, path) -> tuple[int, ...]:
-    """The voxel shape (trailing unit axes past the 4th dropped), within the byte budget: the
-    bytes the reader will hold at its peak (:func:`_nifti_bytes_per_voxel`), counted before
-    any voxel is read."""
-    shape = tuple(int(s) for s in img.shape)
-    if int(np.prod(shape, dtype=np.int64)) * _nifti_bytes_per_voxel(img, scaling) > \
-            cfg.series_budget_bytes:
-        raise IngestError("size_budget", "declared NIfTI shape exceeds the byte budget", path)
-    while len(shape) > 4 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) not in (2, 3, 4):
-        raise IngestError("unreadable", "unsupported NIfTI dimensionality", path)
-    return shape
-
-
-def _nifti_bytes_per_voxel(img, scaling) -> int:
-    """Peak bytes per voxel of :func:`_nifti_voxels`: the stored values, plus their float32
-    copy unless they are kept as stored (unscaled int8/16, uint8/16 or float32)."""
-    stored = img.get_data_dtype()
-    kept = scaling is None and (stored == np.float32 or (stored.kind in "iu"
-                                                           and stored.itemsize <= 2))
-    return stored.itemsize + (0 if kept else 4)
-
-
-def _scaled_float32(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
-    """``raw * slope + inter`` as float32, computed in float64 one slab at a time (the values
-    nibabel's float64 scaling gives, cast), so no float64 copy of the volume ever exists;
-    ``bad_scaling`` when a scaled value would not fit in float32."""
-    lo, hi = (float(np.nanmin(raw)), float(np.nanmax(raw))) if raw.size else (0.0, 0.0)
-    if max(abs(lo), abs(hi)) * abs(slope) + abs(inter) > FLOAT32_MAX:
-        raise IngestError("bad_scaling", "scaled voxel values overflow float32", path)
-    out = np.empty(raw.shape, np.float32)
-    for k in range(raw.shape[-1]):
-        out[..., k] = raw[..., k].astype(np.float64) * slope + inter
-    return out
-
-
-def _nifti_voxels(img, shape, scaling, path) -> np.ndarray:
-    """(X, Y, Z[, T]) voxel values: stored dtype when unscaled, else float32 scaled values."""
-    try:
-        proxy = img.dataobj
-        raw = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
-        raw = raw.reshape(shape)
-    except Exception:  # EOFError, OSError, zlib and gzip errors, ValueError (short data)
-        raise IngestError("truncated", "voxel data could not be read", path) from None
-    raw = raw[:, :, None] if raw.ndim == 2 else raw
-    if scaling is None:
-        return _as_float32(raw, path)
-    return _scaled_float32(raw, *scaling, path)
-
-
 def read_nifti(path, deid: Deidentifier, identity: str | None = None,
                modality: str | None = None, cfg: ReadConfig = ReadConfig()) -> Volume:
     """Read a NIfTI-1/2 file: scaling applied, canonical RAS+, header reduced to geometry.
@@ -328,13 +218,13 @@ def read_nifti(path, deid: Deidentifier, identity: str | None = None,
     fields (descrip, aux_file, intent_name, db_name) and extensions are never read into outputs.
     """
     path = Path(path)
-    img = _load_nifti(path)
+    img = load_nifti(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or getattr(img, "affine", None) is None:
         raise IngestError("not_a_volume", "the NIfTI container holds no image volume", path)
-    scaling = nifti_scaling(_stored_header(img, path), path)
-    shape = _nifti_shape(img, scaling, cfg, path)
+    scaling = nifti_scaling(stored_header(img, path), path)
+    shape = nifti_shape(img, scaling, cfg.series_budget_bytes, path)
     check_affine(img.affine, path)
-    data = _nifti_voxels(img, shape, scaling, path)
+    data = nifti_voxels(img, shape, scaling, path)
     check_signal(data, path)
     array, affine = to_canonical(data, np.asarray(img.affine, dtype=np.float64))
     ident = identity or path.name
