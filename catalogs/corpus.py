@@ -40,10 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from catalogs.base import PIXEL_COLUMN, CorpusError  # noqa: F401  (re-exported)
 from pipeline.write import SCHEMAS, committed_files, committed_tables
 
 TABLES = ("files", "series", "images", "regions")
-PIXEL_COLUMN = "image"
 KEY_COLUMNS = {"files": "file_key", "series": "unit_key", "images": "image_id",
                "regions": "region_id"}
 # Image columns carried into regions_with_images() (those not already on regions).
@@ -52,10 +52,6 @@ IMAGE_CONTEXT = ("study_key", "slice_index", "window", "height", "width", "pixel
                  "caption_summary", "caption_report")
 OPTIONAL_COLUMNS = {"images": ("caption_summary", "caption_report"),
                     "regions": ("caption_region", "negatives", "negative_kinds")}
-
-
-class CorpusError(ValueError):
-    """The directory is not a readable corpus, or a query is malformed."""
 
 
 def _read_manifest(path: Path) -> dict:
@@ -271,6 +267,28 @@ class Corpus:
         ``ids``, only those image_ids are yielded."""
         for path in self.files("images"):
             yield from iter_image_file(path, columns, ids, batch_rows)
+
+    # -- regions as arrays (catalogs/regions.py) -----------------------------------------------
+
+    def region(self, region_id: str, margin_px: int = 8):
+        """The region ``region_id`` as a :class:`catalogs.regions.Region`: its row, the stored
+        image (H, W) uint8/uint16, mask (H, W) bool, box (4,) float32 XYXY pixel-edge, and crop
+        / crop_mask cut to the box grown by ``margin_px`` (clipped) at ``crop_origin`` (x0, y0).
+        Reads one regions row and one image's PNG (scans filtered on the id). KeyError when
+        no committed region has that id."""
+        from catalogs.regions import load_region
+
+        return load_region(self, region_id, margin_px)
+
+    def iter_regions(self, where: str | None = None, split: str | None = None,
+                     limit: int | None = None, margin_px: int = 8):
+        """Iterator of :class:`catalogs.regions.Region` (see :meth:`region`) for the regions
+        matching ``where`` (SQL condition, as :meth:`filter`) and ``split``, at most ``limit``,
+        in corpus order. Images are fetched by image_id in batches and each is decoded once per
+        run of consecutive regions on it."""
+        from catalogs.regions import iter_region_objects, region_rows
+
+        return iter_region_objects(self, region_rows(self, where, split, limit), margin_px)
 
     # -- helpers -----------------------------------------------------------------------------
 

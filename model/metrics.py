@@ -1,26 +1,20 @@
-"""Zero-shot and retrieval metrics in plain numpy."""
+"""Zero-shot and retrieval metrics in numpy (ranks by scipy)."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 def auc_binary(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """ROC AUC by the rank-sum (Mann-Whitney) statistic, ties averaged; None if one class."""
-    pos = positive.astype(bool)
+    """ROC AUC of scores (N,) for the boolean labels positive (N,) by the rank-sum
+    (Mann-Whitney) statistic, tied scores sharing their mean rank (``scipy.stats.rankdata``;
+    equal to ``sklearn.metrics.roc_auc_score``); None if only one class is present."""
+    pos = np.asarray(positive).astype(bool)
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), float)
-    s = scores[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks = rankdata(scores)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

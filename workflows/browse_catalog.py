@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from catalogs.corpus import Corpus, CorpusError, parse_where
-from workflows.usage import UsageError, run_command
+from workflows.usage import UsageError, command_parser, run_command
 
 SAMPLE_COLUMNS = ("region_id", "label", "laterality", "split", "modality", "plane",
                   "slice_index", "area_mm2", "max_diameter_mm", "source", "score",
@@ -31,7 +31,8 @@ SAMPLE_COLUMNS = ("region_id", "label", "laterality", "split", "modality", "plan
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="browse-catalog", description=__doc__.split("\n\n")[1])
+    p = command_parser("browse-catalog", __doc__.split("\n\n")[1],
+                       'browse-catalog data/corpus --where "label = \'liver\'" --html out/gallery')
     p.add_argument("dir", type=Path, metavar="DIR", help="corpus directory (has manifest.json)")
     p.add_argument("--where", help="SQL condition on regions + image columns, "
                    "e.g. \"label = 'liver'\"")

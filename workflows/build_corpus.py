@@ -23,11 +23,12 @@ from pipeline.images.slicing import SliceConfig
 from pipeline.ingest.read import ReadConfig
 from pipeline.roi.regions import RegionConfig
 from pipeline.run.build import build
-from workflows.usage import UsageError, run_command
+from workflows.usage import UsageError, command_parser, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="build-corpus", description=__doc__.split("\n\n")[1])
+    p = command_parser("build-corpus", __doc__.split("\n\n")[1],
+                       'build-corpus data/phantoms --out data/corpus --roi labels,boxes')
     p.add_argument("sources", nargs="*", type=Path, metavar="SOURCE", help="folders or files")
     p.add_argument("--collection", nargs=2, action="append", default=[],
                    metavar=("NAME", "PATH"), help="a public collection in a known layout "

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflows.usage import UsageError, check_device_here, run_command
+from workflows.usage import UsageError, check_device_here, command_parser, run_command
 
 SPLITS = ("train", "val", "test")
 
@@ -28,7 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate-model", description=__doc__.split("\n\n")[1])
+    p = command_parser("evaluate-model", __doc__.split("\n\n")[1],
+                       'evaluate-model --corpus data/corpus --run runs/tiny --baseline runs/tiny_global --out runs/eval.json')
     p.add_argument("--corpus", type=Path, required=True, help="corpus folder")
     p.add_argument("--run", type=Path, required=True, help="run folder (train-model --out)")
     p.add_argument("--baseline", type=Path, help="second run (e.g. the --global-only ablation)")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.phantoms.studies import make_phantoms
-from workflows.usage import run_command
+from workflows.usage import command_parser, run_command
 
 MAX_PATIENTS = 999
 MATRIX_RANGE = (32, 512)
@@ -70,11 +70,10 @@ def _is_study(path: Path) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="make-phantoms",
-        description=(
-            "Write deterministic synthetic CT studies: DICOM series, NIfTI label maps, ground truth."
-        ),
+    p = command_parser(
+        "make-phantoms",
+        "Write deterministic synthetic CT studies: DICOM series, NIfTI label maps, ground truth.",
+        "make-phantoms --out data/phantoms --patients 8 --seed 0",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument("--patients", type=int, default=8, help=f"number of studies, 1..{MAX_PATIENTS}")

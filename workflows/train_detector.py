@@ -31,7 +31,7 @@ from pipeline.roi.detect import (
 )
 from pipeline.roi.detector_data import export_dataset
 from pipeline.write import read_table
-from workflows.usage import UsageError, run_command
+from workflows.usage import UsageError, command_parser, run_command
 
 LESION = re.compile(r"nodule|mass|lesion|tumou?r", re.IGNORECASE)
 SIZE_SPLIT_MM = 10.0
@@ -99,7 +99,8 @@ class TrainConfig:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train-detector", description=__doc__.split("\n\n")[1])
+    p = command_parser("train-detector", __doc__.split("\n\n")[1],
+                       'train-detector data/phantoms --out runs/det --epochs 30 --imgsz 256')
     p.add_argument("sources", nargs="*", type=Path, metavar="SOURCE", help="source folders")
     p.add_argument("--source", dest="more_sources", nargs="+", type=Path, action="extend",
                    default=[], metavar="SOURCE", help="source folders (same as positional)")

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workflows.usage import UsageError, check_device_here, check_torch_device, run_command
+from workflows.usage import (
+    UsageError,
+    check_device_here,
+    check_torch_device,
+    command_parser,
+    run_command,
+)
 
 if TYPE_CHECKING:
     from model.ray_train import RayOptions
@@ -35,7 +41,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train-model", description=__doc__.split("\n\n")[1])
+    p = command_parser("train-model", __doc__.split("\n\n")[1],
+                       'train-model --corpus data/corpus --out runs/tiny --preset tiny --device cpu')
     p.add_argument("--corpus", type=Path, required=True, help="corpus folder (build-corpus --out)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
     p.add_argument("--preset", default="tiny",

@@ -13,11 +13,15 @@ corpus is read) raises :class:`UsageError`. Either way the command prints one li
 ``PROG: error: MESSAGE``, to stderr and returns 2: the format and status argparse itself uses
 for unknown flags and unparsable values (those exit through ``SystemExit(2)``). Messages name
 the flag and may name a path the user typed, never anything read from a file.
+
+Every command builds its parser with :func:`command_parser`: ``--help`` shows each flag's
+default and one example, ``--version`` prints ``PROG regioncorpus X.Y.Z``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import re
 import sys
@@ -29,6 +33,38 @@ USAGE_STATUS = 2  # argparse's status for a usage error
 
 class UsageError(ValueError):
     """A flag whose value turns out wrong only once work has started (exit status 2)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+    """argparse's help with ``(default: X)`` after each flag that has a default, and the
+    description and epilog printed as written (examples keep their line breaks). Flags whose
+    default is unset (None, False, an empty list or string) or whose help already names it show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        unset = default is None or default is False or default in ([], "")
+        if unset or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def package_version() -> str:
+    """The installed regioncorpus version (``unknown`` when run from an uninstalled tree)."""
+    try:
+        return importlib.metadata.version("regioncorpus")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def command_parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` for the console command ``prog``: :class:`HelpFormatter`, an
+    epilog with ``example`` (one command line, starting with ``prog``) and ``--version``."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                epilog=f"example:\n  {example}", formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"%(prog)s regioncorpus {package_version()}")
+    return p
 
 
 def usage_error(prog: str, err: Exception) -> int:

@@ -129,8 +129,24 @@ def refused(index: int, path: Path, rel: str, key: str) -> FileEntry:
     return _final(index, path, rel, key, 0, "quarantined", IngestError("filesystem"))
 
 
-def _entry(index, path: Path, root: Path, deid: Deidentifier) -> FileEntry:
-    rel = f"{root.name}/{path.relative_to(root).as_posix()}"
+def root_labels(roots: list[Path]) -> list[str]:
+    """The name each root's files are keyed under: the root folder's name, lengthened by its
+    parents' names only as far as needed to tell roots apart (``tests/data`` and
+    ``datasets/data``; a lone root is just its name), so two roots never give two files one
+    key, and a collection moved elsewhere keeps its keys."""
+    parts = [Path(os.path.abspath(r)).parts[1:] or ("",) for r in roots]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = {q for j, q in enumerate(parts) if j != i and q != mine}
+        n = 1
+        while n < len(mine) and any(q[-n:] == mine[-n:] for q in others):
+            n += 1
+        labels.append("/".join(mine[-n:]))
+    return labels
+
+
+def _entry(index, path: Path, root: Path, label: str, deid: Deidentifier) -> FileEntry:
+    rel = f"{label}/{path.relative_to(root).as_posix()}"
     key = file_key(deid, rel)
     try:
         return _classified(index, path, root, rel, key)
@@ -153,23 +169,26 @@ def walk(roots, deid: Deidentifier) -> list[FileEntry]:
     entry (the files in it cannot be counted).
     """
     entries: list[FileEntry] = []
-    for root in [Path(r) for r in roots]:
+    roots = [Path(r) for r in roots]
+    for root in roots:
         if not root.exists():
             raise ValueError(f"source {root}: no such file or directory")
+    bases = [r.parent if r.is_file() else r for r in roots]
+    for root, base, label in zip(roots, bases, root_labels(bases), strict=True):
         if root.is_file():
-            entries.append(_entry(len(entries), root, root.parent, deid))
+            entries.append(_entry(len(entries), root, base, label, deid))
             continue
 
-        def unlisted(err: OSError, root=root) -> None:
+        def unlisted(err: OSError, root=root, label=label) -> None:
             path = Path(err.filename) if err.filename is not None else root
-            rel = f"{root.name}/{path.relative_to(root).as_posix()}"
+            rel = f"{label}/{path.relative_to(root).as_posix()}"
             entries.append(refused(len(entries), path, rel, file_key(deid, rel)))
 
         for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=False):
             dirnames.sort()
             here = Path(dirpath)
             for name in sorted(filenames) + sorted(d for d in dirnames if _is_link(here / d)):
-                entries.append(_entry(len(entries), here / name, root, deid))
+                entries.append(_entry(len(entries), here / name, root, label, deid))
     return entries
 
 

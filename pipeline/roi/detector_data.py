@@ -186,16 +186,15 @@ def truth_size_mm(region: dict, image: dict) -> float:
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every XYXY box of ``a`` (N, 4) with every box of ``b`` (M, 4) → (N, M)."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    """IoU of every box of ``a`` (N, 4) with every box of ``b`` (M, 4), both XYXY in the same
+    pixel frame → (N, M) float64, by ``torchvision.ops.box_iou``; a pair whose union is empty
+    (two zero-area boxes) has IoU 0, not NaN."""
+    import torch
+    from torchvision.ops import box_iou
+
+    ta = torch.from_numpy(np.asarray(a, np.float64).reshape(-1, 4))
+    tb = torch.from_numpy(np.asarray(b, np.float64).reshape(-1, 4))
+    return box_iou(ta, tb).nan_to_num_(0.0).numpy()
 
 
 def _match(pred: np.ndarray, true: np.ndarray, thr: float, allowed: np.ndarray | None):

@@ -10,6 +10,9 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from pipeline.roi.detector_data import box_recall, export_dataset, iou_matrix
 from pipeline.write import commit_shard
@@ -206,3 +209,34 @@ def test_train_detector_one_epoch_smoke(tmp_path, monkeypatch, capsys):
     det = Detector(DetectorConfig(weights=weights))
     assert det.imgsz == 64  # the checkpoint's training size
     assert set(det.labels.values()) == {"lung_nodule"}
+
+
+def iou_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The former iou_matrix in numpy (clipped areas, 0 where the union is empty)."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+@st.composite
+def xyxy_boxes(draw):
+    """N×4 XYXY boxes with x1 >= x0, y1 >= y0 (zero-area ones included), pixel coordinates."""
+    n = draw(st.integers(0, 8))
+    coord = st.integers(0, 64).map(float) | st.floats(0, 512, allow_nan=False)
+    xy = draw(hnp.arrays(np.float64, (n, 2), elements=coord))
+    wh = draw(hnp.arrays(np.float64, (n, 2), elements=st.sampled_from([0.0, 1.0, 7.5]) | coord))
+    return np.hstack([xy, xy + wh])
+
+
+@settings(max_examples=300, deadline=None)
+@given(xyxy_boxes(), xyxy_boxes())
+def test_iou_matrix_equals_the_former_numpy(a, b):
+    got = iou_matrix(a, b)
+    assert got.shape == (len(a), len(b)) and got.dtype == np.float64
+    np.testing.assert_allclose(got, iou_numpy(a, b), rtol=1e-12, atol=1e-12)

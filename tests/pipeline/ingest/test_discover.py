@@ -34,3 +34,32 @@ def test_slices_of_a_series_share_repeated_header_values(tmp_path):
     # a header-scan batch crosses the process boundary pickled: the sharing survives it
     back = pickle.loads(pickle.dumps(a))
     assert all(h.series_uid is back[0].series_uid and h.iop is back[0].iop for h in back)
+
+
+def test_roots_with_one_name_never_share_keys(tmp_path):
+    """nibabel's tests/data and nilearn's datasets/data both hold test.mgz: two files, two
+    keys, two rows, two volumes (one key used to swallow a row and could merge patients)."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.ingest.discover import root_labels
+    from workflows.build_corpus import main
+
+    a, b = tmp_path / "tests" / "data", tmp_path / "datasets" / "data"
+    for k, root in enumerate((a, b)):
+        root.mkdir(parents=True)
+        img = np.arange(512, dtype=np.int16).reshape(8, 8, 8) * (k + 1)
+        nib.save(nib.Nifti1Image(img, np.eye(4)), root / "test.nii.gz")
+    assert root_labels([a, b]) == ["tests/data", "datasets/data"]
+    assert root_labels([a]) == ["data"] and root_labels([a, a]) == ["data", "data"]
+    out = tmp_path / "out"
+    assert main([str(a), str(b), "--out", str(out)]) == 0
+    files = pq.read_table(out / "files").to_pylist()
+    assert len(files) == 2 and len({f["file_key"] for f in files}) == 2
+    series = pq.read_table(out / "series").to_pylist()
+    assert len({s["series_key"] for s in series}) == len({s["patient_key"] for s in series}) == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["found"] == manifest["rows"]["files"] == 2
