@@ -243,25 +243,30 @@ def train(opts: TrainOptions) -> dict:
     log = TrainLog(opts.out, rank, resume_step=step if resume else None)
 
     total = cfg.train.total_steps
-    consumed, t0, seen = 0, time.perf_counter(), 0
+    consumed, t0 = 0, time.perf_counter()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
+    win = dict.fromkeys(("seen", "steps", "data_s", "step_s"), 0.0)  # since the last log row
     while step < total and (opts.stop_after is None or step < opts.stop_after):
         stage = stage_of(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        terms, gnorm, n = train_step(model, core, opt, loss_fn, batches, states, cfg, stage,
-                                     device, amp, world)
+        t = time.perf_counter()
+        terms, gnorm, n, wait = train_step(model, core, opt, loss_fn, batches, states, cfg, stage,
+                                           device, amp, world)
+        _add(win, seen=n, steps=1, data_s=wait, step_s=time.perf_counter() - t - wait)
         consumed += cfg.train.accum
-        seen += n
         for k, v in terms.items():
             sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
         step += 1
         if step % cfg.train.log_every == 0 or step == total:
             sc = {k: float(v.detach()) for k, v in core.scales().items()}
             log.write(step, stage, sums, counts, lr=lr_at(step - 1, cfg), grad_norm=gnorm,
-                      samples_per_s=seen * world / (time.perf_counter() - t0), **sc)
-            sums, counts, seen, t0 = {}, {}, 0, time.perf_counter()
+                      samples_per_s=win["seen"] * world / (time.perf_counter() - t0),
+                      data_s=win["data_s"] / win["steps"], step_s=win["step_s"] / win["steps"],
+                      **sc)
+            sums, counts, t0 = {}, {}, time.perf_counter()
+            win = dict.fromkeys(win, 0.0)
         if step % cfg.train.ckpt_every == 0 or step == total:
             rot = (rotate + consumed) % max(cfg.data.workers, 1)
             _checkpoint(opts.out, core, opt, cfg, step, stage, states, rot, len(tok), rank, world)
@@ -272,27 +277,23 @@ def train(opts: TrainOptions) -> dict:
             "checkpoint": str(ckpt_path(opts.out))}
 
 
+def _add(acc: dict[str, float], **vals: float) -> None:
+    for k, v in vals.items():
+        acc[k] += v
+
+
 def train_step(model, core, opt, loss_fn, batches, states, cfg: RunConfig, stage: int,
-               device: torch.device, amp, world: int) -> tuple[dict[str, float], float, int]:
-    """One optimizer step over ``accum`` micro-batches → (mean loss terms, grad norm, images)."""
-    want_global, want_region = stage in (1, 3), stage in (2, 3)
-    accum = cfg.train.accum
-    model.train()
-    out: dict[str, float] = {}
-    n = 0
-    for micro in range(accum):
-        batch = to_device(next(batches), device)
+               device: torch.device, amp, world: int) -> tuple[dict[str, float], float, int, float]:
+    """One optimizer step over ``accum`` micro-batches → (mean loss terms, grad norm, images,
+    seconds spent waiting for the loader)."""
+    micro, data_s = [], 0.0
+    for _ in range(cfg.train.accum):
+        t = time.perf_counter()
+        batch = next(batches)
+        data_s += time.perf_counter() - t
         states_from_batch(states, batch["pos"])
-        sync = nullcontext() if (world == 1 or micro == accum - 1) else model.no_sync()
-        with sync:
-            with amp:
-                feats = model(batch, want_global, want_region)
-                terms = loss_fn(feats)
-                loss = loss_fn.total(terms) / accum
-            loss.backward()
-        n += len(batch["images"])
-        for k, v in terms.items():
-            out[k] = out.get(k, 0.0) + float(v.detach()) / accum
+        micro.append(to_device(batch, device))
+    out = accumulate(model, loss_fn, micro, stage, amp, world)
     if world > 1 and out:  # each rank's terms are (its rows' sum / global rows) · world
         vec = torch.tensor(list(out.values()), device=device)
         dist.all_reduce(vec)
@@ -300,7 +301,68 @@ def train_step(model, core, opt, loss_fn, batches, states, cfg: RunConfig, stage
     gnorm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out, float(gnorm), n
+    return out, float(gnorm), sum(len(b["images"]) for b in micro), data_s
+
+
+def accumulate(model, loss_fn, micro: list[dict], stage: int, amp, world: int = 1) -> dict[str, float]:
+    """Forward and backward of one optimizer step (gradients add up in ``.grad``) → mean terms.
+
+    The contrastive batch is ALL the micro-batches (open_clip's ``accum_freq``): their features
+    are first computed without grad and cached; then each micro-batch is recomputed with grad and
+    its loss is taken over the cached set with its own rows live, so the summed gradient equals
+    the gradient of one batch of all of them. The RNG state (prompt dropout) is replayed, so the
+    recomputed features equal the cached ones. One micro-batch: a plain forward and backward."""
+    want_global, want_region = stage in (1, 3), stage in (2, 3)
+    dev = micro[0]["images"].device
+    accum = len(micro)
+    model.train()
+    rngs, cached = [], []
+    if accum > 1:
+        with torch.no_grad(), amp:
+            for b in micro:
+                rngs.append(_rng_state(dev))
+                cached.append(model(b, want_global, want_region))
+    out: dict[str, float] = {}
+    for k, b in enumerate(micro):
+        if rngs:
+            _set_rng_state(rngs[k], dev)
+        sync = nullcontext() if (world == 1 or k == accum - 1) else model.no_sync()
+        with sync:
+            with amp:
+                feats = merge_features(cached, k, model(b, want_global, want_region))
+                terms = loss_fn(feats)
+                loss = loss_fn.total(terms)
+            loss.backward()
+        for name, v in terms.items():
+            out[name] = out.get(name, 0.0) + float(v.detach()) / accum
+    return out
+
+
+def merge_features(cached: list[dict], k: int, live: dict) -> dict:
+    """The features of all micro-batches (rows concatenated in micro-batch order) with those of
+    micro-batch ``k`` replaced by ``live`` (with grad). Scalars (temperatures, SigLIP bias) come
+    from ``live`` carrying 1/accum of their gradient, so that over the accum backward passes
+    every parameter receives the full-batch gradient exactly once."""
+    if not cached:
+        return live
+    n = len(cached)
+    out = {}
+    for name, v in live.items():
+        if v.ndim == 0:
+            out[name] = v / n + v.detach() * (1 - 1 / n)
+        else:
+            out[name] = torch.cat([v if i == k else c[name] for i, c in enumerate(cached)])
+    return out
+
+
+def _rng_state(dev: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, dev: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], dev)
 
 
 def _checkpoint(run: Path, model, opt, cfg: RunConfig, step: int, stage: int, states, rotate: int,

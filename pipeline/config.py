@@ -4,8 +4,9 @@ Every field is commented; ``BuildConfig.validate`` checks the whole config befor
 raises ``ValueError`` naming the flag and the bad value. That includes what the request needs
 from the machine (:class:`RequestError`): a --device that is here, the GPUs the model stage
 reserves, readable weights; with ``--address`` the GPUs are checked against the cluster once it
-is joined (:func:`check_cluster_gpus`). ``--device auto`` is resolved by
-:meth:`BuildConfig.resolved` (build-corpus does it when it reads the flags).
+is joined (:func:`check_cluster_gpus`). ``--device auto`` and ``--model-actors 0`` (one actor
+per GPU) are resolved by :meth:`BuildConfig.resolved` (build-corpus does it when it reads the
+flags; with ``--address``, :func:`check_cluster_gpus` does it against the cluster).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ExecConfig:
     executor: str = "ray"  # "ray": Ray Data (embedded, or --address); "local": in-process
     address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None = embedded
     workers: int = 0  # concurrent units (local) / CPUs of the embedded Ray; 0 = CPU count
-    model_actors: int = 1  # model-stage actors (one per GPU on a cluster)
+    model_actors: int = 0  # model-stage actors; 0 = one per GPU (1 on cpu): :func:`auto_model_actors`
     gpus_per_actor: float = -1.0  # -1: 1 when --device is cuda, else 0
     max_retries: int = 1  # Ray task retries / actor restarts (never infinite)
     units_per_shard: int = 8  # series per committed shard (the unit of commit and resume)
@@ -84,12 +85,17 @@ class BuildConfig:
         self._check_devices()
 
     def resolved(self, gpus: int) -> BuildConfig:
-        """This config with ``--device auto`` made concrete: ``cuda`` when ``gpus`` (CUDA devices
-        on this machine, or GPUs in the cluster) > 0, else ``cpu``."""
-        if self.regions.device != "auto":
-            return self
-        device = "cuda" if gpus > 0 else "cpu"
-        return replace(self, regions=replace(self.regions, device=device))
+        """This config with ``--device auto`` made concrete (``cuda`` when ``gpus``, the CUDA
+        devices on this machine or the GPUs in the cluster, > 0, else ``cpu``), then
+        ``--model-actors 0`` (:func:`auto_model_actors`). Explicit values are kept."""
+        cfg = self
+        if cfg.regions.device == "auto":
+            device = "cuda" if gpus > 0 else "cpu"
+            cfg = replace(cfg, regions=replace(cfg.regions, device=device))
+        if cfg.execution.model_actors == 0:
+            actors = auto_model_actors(cfg, gpus)
+            cfg = replace(cfg, execution=replace(cfg.execution, model_actors=actors))
+        return cfg
 
     def _check_inputs(self) -> None:
         if not self.sources and not self.collections:
@@ -129,8 +135,8 @@ class BuildConfig:
             raise ValueError(f"--executor {e.executor}: choose from ray, local")
         if e.address and e.executor != "ray":
             raise ValueError(f"--address {e.address}: needs --executor ray")
-        if e.model_actors < 1:
-            raise ValueError(f"--model-actors {e.model_actors}: must be >= 1")
+        if e.model_actors < 0:
+            raise ValueError(f"--model-actors {e.model_actors}: must be >= 1 (0: one per GPU)")
         if e.max_retries < 0:
             raise ValueError(f"--max-retries {e.max_retries}: must be >= 0")
 
@@ -259,6 +265,17 @@ def model_actor_gpus(cfg: BuildConfig) -> float:
     return g if g >= 0 else (1.0 if cfg.regions.device.startswith("cuda") else 0.0)
 
 
+def auto_model_actors(cfg: BuildConfig, gpus: int) -> int:
+    """Model actors for ``--model-actors 0``: on a cuda device, as many as the ``gpus`` hold at
+    :func:`model_actor_gpus` each (one per GPU; two per GPU at 0.5; one per GPU at 0), with
+    ``cuda:N`` counting as one GPU; 1 on cpu/mps or without GPUs. ``--device`` resolved first."""
+    if not cfg.regions.device.startswith("cuda") or gpus < 1:
+        return 1
+    visible = 1 if ":" in cfg.regions.device else gpus
+    per_actor = model_actor_gpus(cfg)
+    return max(1, int(visible / per_actor + 1e-9)) if per_actor > 0 else visible
+
+
 def gpus_needed(cfg: BuildConfig) -> float:
     """GPUs the Ray model stage reserves in all: --model-actors x :func:`model_actor_gpus`;
     0 with the local executor or without a model stage (--roi labels only)."""
@@ -269,7 +286,8 @@ def gpus_needed(cfg: BuildConfig) -> float:
 
 def check_cluster_gpus(cfg: BuildConfig, resources: dict) -> BuildConfig:
     """After joining ``--address`` (``resources`` = ``ray.cluster_resources()``), before any
-    work is submitted: ``cfg`` with ``--device auto`` resolved against the cluster's GPUs.
+    work is submitted: ``cfg`` with ``--device auto`` and ``--model-actors 0`` resolved
+    against the cluster's GPUs (:meth:`BuildConfig.resolved`).
 
     Raises:
         RequestError: --device cuda on a cluster without GPUs, or a model stage that would

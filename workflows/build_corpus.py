@@ -65,10 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="label components smaller than this are dropped as fragments")
     p.add_argument("--min-mask-score", type=float, default=0.0,
                    help="drop segmenter masks whose predicted IoU is below this")
-    p.add_argument("--device", default="cpu",
-                   help="model stage device: cpu, cuda, cuda:N, mps, or auto (cuda when this "
-                   "machine, or with --address the cluster, has a GPU; else cpu); checked "
-                   "before any work")
+    p.add_argument("--device", default="auto",
+                   help="model stage device: auto (the default: cuda when this machine, or with "
+                   "--address the cluster, has a GPU; else cpu), cpu, cuda, cuda:N or mps; "
+                   "checked before any work")
     p.add_argument("--caption-seed", type=int, default=0, help="caption phrasing variant seed")
     p.add_argument("--captioner", help="optional hf:LOCAL_PATH causal LM paraphraser (guarded)")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios per patient")
@@ -76,9 +76,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="ray (Ray Data; embedded unless --address; the default) or local "
                    "(in-process); $REGIONCORPUS_EXECUTOR sets the default when --address is absent")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto or ray://head:10001")
-    p.add_argument("--model-actors", type=int, default=1, help="model-stage actors (per GPU)")
+    p.add_argument("--model-actors", type=int, default=0,
+                   help="model-stage actors (0, the default: one per GPU of this machine, or "
+                   "with --address of the cluster, at --gpus-per-actor each; 1 on cpu)")
     p.add_argument("--gpus-per-actor", type=float, default=-1.0,
-                   help="GPUs per model actor (-1: 1 when --device is cuda)")
+                   help="GPUs per model actor (-1: 1 when --device is cuda; 0.5: two actors "
+                   "share a GPU, see docs/cluster.md)")
     p.add_argument("--max-retries", type=int, default=1,
                    help="Ray actor restarts and shard retries (never infinite)")
     p.add_argument("--workers", type=int, default=0, help="parallel series (0 = CPU count)")
@@ -126,9 +129,10 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
                              unit_timeout_s=args.unit_timeout,
                              unit_memory_mb=args.unit_memory_mb),
     )
-    if args.device == "auto" and not args.address:  # a cluster's: check_cluster_gpus, once joined
-        cfg = cfg.resolved(local_gpus())
-    return cfg
+    if args.address:  # --device auto / --model-actors 0: check_cluster_gpus, once joined
+        return cfg
+    # without a model stage the device is unused: torch is not imported just to look
+    return cfg.resolved(local_gpus() if cfg.regions.uses_models else 0)
 
 
 def build_and_report(cfg: BuildConfig) -> int:

@@ -2,9 +2,9 @@
 
 Every import of ultralytics goes through :func:`ultralytics_offline`, which makes the library
 unable to reach the network (``YOLO_OFFLINE=1``, hub/sync/telemetry off, fonts looked up
-locally only), keeps its settings in a project-local folder and gives torch back all CPU
-threads (ultralytics pins ``OMP_NUM_THREADS=1`` on import and ``cpu_count() - 1`` threads each
-time it selects a CPU device).
+locally only), keeps its settings in a project-local folder and gives torch back the CPUs this
+process was granted (:func:`granted_cpus`; ultralytics pins ``OMP_NUM_THREADS=1`` on import and
+``cpu_count() - 1`` threads each time it selects a CPU device).
 
 Boxes are XYXY float32 in pixel coordinates of the input image, where pixel (column c, row r)
 covers ``[c, c+1) x [r, r+1)`` (the convention of ``bbox`` in the regions table). ultralytics
@@ -36,11 +36,24 @@ _OFF_SETTINGS = {
 _state: dict[str, object] = {}
 
 
+def granted_cpus() -> int:
+    """CPUs this process may keep busy, at least 1: inside a Ray actor or task, the CPUs Ray
+    granted it (``get_assigned_resources()["CPU"]``, so actors sharing a node do not each start
+    a thread per core); outside Ray (a driver, a plain process), ``os.cpu_count()``."""
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; never imported just to look
+    if ray is not None and ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        if ctx.get_task_id() is not None:  # a task or actor (None in the driver)
+            return max(1, int(ctx.get_assigned_resources().get("CPU", 0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def restore_threads() -> None:
-    """Give torch every CPU core again (ultralytics lowers it on import and on device select)."""
+    """Give torch the CPUs this process was granted again (:func:`granted_cpus`; ultralytics
+    lowers the thread count on import and on device select)."""
     import torch
 
-    n = os.cpu_count() or 1
+    n = granted_cpus()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

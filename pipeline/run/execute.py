@@ -11,10 +11,12 @@ ray:  a Ray Data pipeline over shards. CPU stage: an actor pool of 1-CPU actors 
     each shard cost ~0.2 s of scheduling gap: 5 % on this machine's 100k build). Inside, units
     run in the actor's forked children under timeout and memory cap (``pipeline.run.isolate``),
     kept warm from shard to shard, so a decoder crash is a row, not a lost actor. Model stage
-    (boxes/detector routes): an actor pool (``--model-actors``, ``--gpus-per-actor``) where
-    YOLO and SAM share one actor per GPU: both models stay resident, an image is decoded once
-    for both, and the GPU is never split between two processes. The stage that finishes a
-    shard writes it (temp → rename → marker), so the driver only ever sees small markers.
+    (boxes/detector routes): an actor pool (``--model-actors``, by default one per GPU,
+    resolved with the cluster's GPUs; ``--gpus-per-actor``) where YOLO and SAM share one
+    actor: both models stay resident, an image is decoded once for both, and a GPU is shared
+    by two processes only with a fractional --gpus-per-actor (docs/cluster.md). The stage that
+    finishes a shard writes it (temp → rename → marker), so the driver only ever sees small
+    markers.
 
 Memory, per node (Ray): each CPU actor reserves Ray's ``memory`` resource for what its unit
 workers may allocate (``--unit-memory-mb``, the address-space cap above what a forked child

@@ -32,6 +32,7 @@ def test_loss_falls(tiny_corpus, micro_preset, tmp_path):
     region = [r["region_loss"] + r["negative_loss"] for r in rows if r["stage"] >= 2]
     assert len(region) >= 12
     assert sum(region[-4:]) / 4 < sum(region[:4]) / 4 - 0.1
+    assert all(r["data_s"] >= 0 and r["step_s"] > 0 for r in rows)  # loader wait vs compute
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
     # the evaluation report has the promised structure

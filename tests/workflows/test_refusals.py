@@ -216,7 +216,9 @@ def test_build_corpus_refuses_more_gpus_than_this_machine_has(paths, capsys, arg
 
 
 def test_device_auto_resolves_to_what_is_here(paths):
-    args = build_corpus._parser().parse_args(list(map(str, _build(paths, "--device", "auto"))))
+    # a model stage: without one the device is unused and torch is not asked (cpu)
+    args = build_corpus._parser().parse_args(list(map(str, _build(paths, "--device", "auto",
+                                                                  "--roi", "labels,boxes"))))
     assert build_corpus.config_from_args(args).regions.device == "cpu"
     with mock.patch.object(build_corpus, "local_gpus", return_value=2):
         assert build_corpus.config_from_args(args).regions.device == "cuda"
