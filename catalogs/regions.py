@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from catalogs.base import PIXEL_COLUMN, CorpusError
 from pipeline.geometry import decode_rle
+from pipeline.images.png import decode_png_bytes as decode_stored_png
 
 
 class CorpusReader(Protocol):
@@ -125,7 +126,7 @@ def make_region(row: dict, image: np.ndarray, margin_px: int = MARGIN_PX) -> Reg
 
 def decode_png_bytes(data: bytes) -> np.ndarray:
     """(H, W) uint8/uint16 pixels of PNG bytes (``images.image.bytes``), as stored."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    img = decode_stored_png(data)
     if img is None or img.ndim != 2:
         raise CorpusError("an images row holds bytes that are not a greyscale PNG")
     return img

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 import polars as pl
 
+from pipeline.images.png import decode_png_bytes
+
 from .corpus import TABLES, Corpus
 
 HASH_METHODS = ("phash", "dhash")
@@ -33,7 +35,7 @@ HASH_COLUMNS = ("image_id", "series_key", "patient_key", "split", "slice_index")
 def decode_png(png: bytes) -> np.ndarray:
     """Decode PNG bytes to a 2D float32 array on the 8-bit scale (16-bit PNGs divided by 257;
     colour reduced to luminance). Raises ValueError on undecodable bytes."""
-    arr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = decode_png_bytes(png)
     if arr is None:
         raise ValueError("undecodable PNG")
     if arr.ndim == 3:

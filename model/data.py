@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from model import captions as cap
 from model.config import DataConfig
+from pipeline.images.png import decode_png
 from pipeline.write import REGIONS_SCHEMA, committed_tables
 
 IMAGE_COLS = ["image_id", "patient_key", "split", "modality", "plane", "height", "width", "image"]
@@ -197,7 +198,7 @@ class RegionCorpus(IterableDataset):
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, row: dict, rng: np.random.Generator) -> dict:
         """One sample: image (S, S) uint8, regions, captions."""
-        img = cv2.imdecode(np.frombuffer(row["image"]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+        img = decode_png(row)
         if img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         if img.dtype == np.uint16:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from pipeline.images.png import decode_png_bytes
 from pipeline.images.slicing import SliceConfig, cut_images
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.read import read_volume
@@ -73,7 +74,7 @@ def log(message: str) -> None:
 
 def decode_png(png: bytes) -> np.ndarray:
     """(H, W) uint8/uint16 pixels of a grey PNG."""
-    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    return decode_png_bytes(png)
 
 
 def components(labels: np.ndarray, names: dict[int, str], min_px: int = 20) -> list:

@@ -36,13 +36,17 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def decode_png_bytes(data: bytes) -> np.ndarray | None:
+    """(H, W) uint8 (or uint16) pixels of PNG bytes, as stored; None when undecodable."""
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
 def decode_png(image_row: dict) -> np.ndarray:
     """(H, W) uint8 (or uint16) pixels of an images-table row."""
-    data = np.frombuffer(image_row["image"]["bytes"], np.uint8)
-    return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    return decode_png_bytes(image_row["image"]["bytes"])
 
 
 def decode_png8(image: dict) -> np.ndarray:
     """(H, W) uint8 pixels of an images-table row (16-bit PNGs: top byte, like cv2.imread)."""
-    px = cv2.imdecode(np.frombuffer(image["image"]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+    px = decode_png(image)
     return px if px.dtype == np.uint8 else (px >> 8).astype(np.uint8)
