@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalogs.base import PIXEL_COLUMN, CorpusError  # noqa: F401  (re-exported)
+from pipeline import storage
 from pipeline.write import SCHEMAS, committed_files, committed_tables
 
 TABLES = ("files", "series", "images", "regions")
@@ -54,11 +55,12 @@ OPTIONAL_COLUMNS = {"images": ("caption_summary", "caption_report"),
                     "regions": ("caption_region", "negatives", "negative_kinds")}
 
 
-def _read_manifest(path: Path) -> dict:
+def _read_manifest(path) -> dict:
+    """The manifest at ``path`` (a local path or a URI: ``pipeline.storage``)."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
     except FileNotFoundError:
-        raise CorpusError(f"{path.parent}: no manifest.json (not a corpus written by "
+        raise CorpusError(f"{path}: no manifest.json (not a corpus written by "
                           "build-corpus, or the build has not committed a shard yet)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorpusError(f"{path}: unreadable manifest ({e})") from None
@@ -77,9 +79,10 @@ def _unified_schema(paths: Sequence[Path], table: str) -> pa.Schema:
 
 @dataclass
 class Corpus:
-    """A committed corpus on disk. Build with :meth:`open`."""
+    """A committed corpus, on disk or in object storage (``s3://``, ``gs://``). Build with
+    :meth:`open`."""
 
-    root: Path
+    root: Path | str  # a local folder, or a URI string for a remote corpus
     manifest: dict
     _schemas: dict[str, pa.Schema] = field(default_factory=dict, repr=False)
 
@@ -90,14 +93,14 @@ class Corpus:
         """Open ``root``; ``manifest`` overrides ``root/manifest.json`` (file paths in it stay
         relative to ``root``). Raises :class:`CorpusError` when it is not a corpus or a
         committed file is missing."""
-        root = Path(root)
-        if not root.is_dir():
+        root = storage.location(root)
+        if not storage.is_dir(root):
             raise CorpusError(f"{root}: not a directory")
-        corpus = cls(root, _read_manifest(Path(manifest) if manifest else root / "manifest.json"))
-        for table in TABLES:
-            for p in corpus.files(table):
-                if not p.is_file():
-                    raise CorpusError(f"{p}: listed in the manifest but missing")
+        corpus = cls(root, _read_manifest(storage.location(manifest) if manifest
+                                          else storage.join(root, "manifest.json")))
+        listed = [p for table in TABLES for p in corpus.files(table)]
+        for p in storage.missing(listed):
+            raise CorpusError(f"{p}: listed in the manifest but missing")
         return corpus
 
     # -- layout ------------------------------------------------------------------------------
@@ -106,9 +109,10 @@ class Corpus:
         """Committed shard names, sorted (``discovery*`` hold only files rows)."""
         return list(committed_tables(self.root, self.manifest))
 
-    def files(self, table: str) -> list[Path]:
+    def files(self, table: str) -> list:
         """Parquet files of ``table`` in committed shards, in shard-name order (tables without
-        rows have none): :func:`pipeline.write.committed_files`."""
+        rows have none): :func:`pipeline.write.committed_files` (Paths, or URI strings for a
+        remote corpus)."""
         _check_table(table)
         return committed_files(self.root, table, self.manifest)
 
@@ -349,17 +353,43 @@ def _first_line(e: Exception) -> str:
 def duckdb_views(corpus: Corpus) -> str:
     """SQL creating one DuckDB view per table over its committed files (never a glob), e.g.
     ``duckdb.sql(duckdb_views(Corpus.open(DIR)))`` then ``SELECT ... FROM regions``. A table
-    without committed rows gets no view (a comment says so)."""
+    without committed rows gets no view (a comment says so). A remote corpus's views name
+    ``s3://`` URIs, which need DuckDB's httpfs extension; without it use
+    :func:`duckdb_register`."""
     out = []
     for table in TABLES:
         paths = corpus.files(table)
         if paths:
-            files = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in paths)
+            files = ", ".join("'" + _absolute(p).replace("'", "''") + "'" for p in paths)
             out.append(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "
                        f"read_parquet([{files}], union_by_name = true);")
         else:
             out.append(f"-- {table}: no committed rows, no view")
     return "\n".join(out) + "\n"
+
+
+def _absolute(p) -> str:
+    return p if storage.is_remote(p) else str(Path(p).resolve())
+
+
+def duckdb_register(corpus: Corpus, con=None):
+    """One DuckDB view per table over its committed files, through pyarrow datasets (their
+    filesystem is ``pipeline.storage``'s, so an ``s3://`` corpus is read without DuckDB's
+    httpfs extension, with the same credentials and ``AWS_ENDPOINT_URL``) → the connection
+    (a new in-memory one when ``con`` is None). Column selections and filters are pushed
+    into the Parquet scan."""
+    import duckdb
+    import pyarrow.dataset as ds
+
+    con = duckdb.connect() if con is None else con
+    for table in TABLES:
+        paths = corpus.files(table)
+        if paths:
+            fs, _ = storage.resolve(paths[0])
+            data = ds.dataset([storage.resolve(p)[1] for p in paths], filesystem=fs,
+                              schema=corpus.arrow_schema(table), format="parquet")
+            con.register(table, data)
+    return con
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m catalogs.corpus", description=main.__doc__)
     sub = p.add_subparsers(dest="what", required=True)
     f = sub.add_parser("files", help="committed files of one table, one per line")
-    f.add_argument("corpus", type=Path)
+    f.add_argument("corpus", type=storage.location)
     f.add_argument("table", choices=TABLES)
     d = sub.add_parser("duckdb", help="SQL: one DuckDB view per table over its committed files")
-    d.add_argument("corpus", type=Path)
+    d.add_argument("corpus", type=storage.location)
     args = p.parse_args(argv)
     try:
         corpus = Corpus.open(args.corpus)

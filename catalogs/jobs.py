@@ -30,6 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.write import (
     ROW_GROUP_ROWS,
     atomic_write_bytes,
@@ -72,6 +73,10 @@ def read_table(corpus: Corpus | str | Path, table: str,
     if not paths:
         empty = c.arrow_schema(table).empty_table().select(list(columns)).to_pandas()
         return dd.from_pandas(empty, npartitions=1)
+    if storage.is_remote(paths[0]):  # an s3:// / gs:// corpus: pipeline.storage's client
+        fs, _ = storage.resolve(paths[0])
+        return dd.read_parquet([storage.resolve(p)[1] for p in paths], columns=list(columns),
+                               filesystem=fs)
     return dd.read_parquet(paths, columns=list(columns))
 
 
@@ -205,6 +210,8 @@ def plan_compaction(corpus: Corpus | str | Path, target_bytes: int = 256 << 20,
     shard ends a group; groups of fewer than ``min_group`` shards are left alone. The
     ``discovery`` shards (files only) are never compacted."""
     c = _corpus(corpus)
+    if storage.is_remote(c.root):
+        raise CorpusError(f"{c.root}: compaction runs on local corpora only (for now)")
     groups, current, size = [], [], 0
     for name in c.shard_names():
         if name.startswith("discovery"):

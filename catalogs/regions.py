@@ -173,16 +173,19 @@ def iter_region_objects(corpus: CorpusReader, rows: pl.LazyFrame, margin_px: int
     corpus order keeps an image's regions together)."""
     images = corpus.table("images", with_pixels=True)
     df = rows.collect()
-    last_id, last_img = None, None
+    last_id, last_img, last_png = None, None, None
     for start in range(0, df.height, chunk):
         part = df.slice(start, chunk).to_dicts()
         pngs = fetch_pngs(images, {r["image_id"] for r in part} - {last_id})
+        if last_id is not None:  # it may come back in this chunk after another image
+            pngs[last_id] = last_png
         for row in part:
             if row["image_id"] != last_id:
                 if row["image_id"] not in pngs:
                     raise CorpusError(f"region {row['region_id']}: image {row['image_id']} "
                                       "is not in the committed images files")
-                last_id, last_img = row["image_id"], decode_png_bytes(pngs[row["image_id"]])
+                last_id, last_png = row["image_id"], pngs[row["image_id"]]
+                last_img = decode_png_bytes(last_png)
             yield make_region(row, last_img, margin_px)
 
 
@@ -224,7 +227,7 @@ class RegionDataset:
     * ``mask``: (1, size, size) float32 in {0, 1}, ``crop_mask`` resized the same way (nearest);
       ``mask_known``: bool tensor, False when the region has no mask (mask all zeros);
     * ``box``: (4,) float32 XYXY, pixel-edge coordinates in the frame of ``crop``;
-    * ``label``, ``caption`` (``caption_region``, "" when null), ``region_id``: str.
+    * ``label`` ("" when null), ``caption`` (``caption_region``, "" when null), ``region_id``: str.
 
     ``transform``, when given, is called on that dict and its result returned. The constructor
     (Polars, in the calling process) keeps only the rows' small columns
@@ -287,7 +290,7 @@ class RegionDataset:
                 "mask": torch.from_numpy(mask.astype(np.float32))[None],
                 "mask_known": torch.tensor(r.mask_known),
                 "box": torch.from_numpy(box.astype(np.float32)),
-                "label": str(r.row["label"]), "caption": r.row.get("caption_region") or "",
+                "label": r.row["label"] or "", "caption": r.row.get("caption_region") or "",
                 "region_id": r.region_id}
         return self.transform(item) if self.transform else item
 

@@ -84,7 +84,9 @@ def image_report(region_captions: list[str], modality: str | None, plane: str | 
 @functools.lru_cache(maxsize=8)
 def prompter(version: str | None):
     """``prompt(label, side)`` in the phrasing of the corpus's captions: with stored captions of
-    vocabulary ``version`` (``pipeline/captions/vocab_<version>.json``) "{display} {side words}"
+    vocabulary ``version`` (``pipeline/captions/vocab_<version>.json``): from v2 the structure
+    vocabulary's noun phrase, with side words only for structures that are not themselves sided
+    ("left adrenal gland", "lung nodule on the right"); v1 "{display} {side words}"
     ("lung nodule on the right", "vertebral body in the midline"); otherwise (or if that
     vocabulary is not available) the fallback "{laterality} {label}" (:func:`region_caption`)."""
     vocab = None
@@ -97,6 +99,15 @@ def prompter(version: str | None):
             vocab = None
     if vocab is None:
         return region_caption
+    if vocab.get("structures"):  # v2+: the captions' own phrase ("left adrenal gland")
+        from pipeline.captions.describe import label_words
+        from pipeline.captions.negatives import is_sided
+
+        def phrase(label: str, side: str | None) -> str:
+            side_words = "" if is_sided(label, vocab) else vocab["laterality_words"].get(side or "", "")
+            return f"{label_words(label, vocab)[1]} {side_words}".strip()
+
+        return phrase
 
     def prompt(label: str, side: str | None) -> str:
         name = vocab["label_display"].get(label, base_label(label))

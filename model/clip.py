@@ -107,7 +107,8 @@ class RegionCLIP(nn.Module):
         img_emb, tokens = self.encode_image(images)
         out: dict[str, torch.Tensor] = {"image_features": img_emb, **self.scales()}
         if want_global:
-            out["text_features"] = self._texts(batch, batch["global_text"])
+            out["text_features"] = self._texts(batch, batch["global_text"],
+                                               _host(batch, "global_text"))
             out["global_keys"] = batch["global_key"]
         if want_region:
             regions = flat_regions(batch)
@@ -115,28 +116,48 @@ class RegionCLIP(nn.Module):
                 labels, box_valid, mask_valid = drop_prompts(self.cfg.prompt, regions["point_labels"])
                 regions.update(point_labels=labels, box_valid=box_valid, mask_valid=mask_valid)
             r, k = regions["neg_text"].shape
-            text = self._texts(batch, torch.cat([regions["text"], regions["neg_text"].flatten()]))
+            host = _host(batch, "region_text")
+            if host is not None:  # the same indices, from the collated batch's CPU copies
+                valid = batch["host"]["region_valid"]
+                host = torch.cat([host[valid], batch["host"]["neg_text"][valid].flatten()])
+            text = self._texts(batch, torch.cat([regions["text"], regions["neg_text"].flatten()]),
+                               host)
             out["region_features"] = self.encode_regions(images, tokens, regions)
             out["region_text_features"] = text[:r]
-            out["negative_features"] = text[r:].view(r, k, -1)
+            out["negative_features"] = text[r:].view(r, k, text.shape[-1])  # R may be 0
             out["region_keys"] = regions["key"]
             out["negative_keys"] = regions["neg_key"]
         return out
 
-    def _texts(self, batch: dict, idx: torch.Tensor) -> torch.Tensor:
+    def _texts(self, batch: dict, idx: torch.Tensor, host: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """Embeddings (len(idx), E) of batch texts ``idx``: each distinct text encoded once, in
         length-sorted buckets of about ``TEXT_BUCKET`` texts, each trimmed to its own longest
-        text (short region captions do not pay for the long reports' padding)."""
-        uniq, inverse = torch.unique(idx, return_inverse=True)
-        mask = batch["text_mask"][uniq]
-        lengths = mask.sum(1)
+        text (short region captions do not pay for the long reports' padding). With ``host``
+        (``idx`` on the CPU, and the batch's CPU ``host["text_len"]``) the buckets are planned
+        on the host: no device → host copy."""
+        if host is not None:
+            uniq, inverse = torch.unique(host, return_inverse=True)
+            lengths = batch["host"]["text_len"][uniq]
+        else:
+            uniq, inverse = torch.unique(idx, return_inverse=True)
+            lengths = batch["text_mask"][uniq].sum(1)
         order = torch.argsort(lengths, stable=True)
+        dev = idx.device
         parts = []
         for chunk in torch.tensor_split(order, max(1, -(-len(order) // TEXT_BUCKET))):
             n = max(1, int(lengths[chunk].max())) if len(chunk) else 1
-            parts.append(self.encode_text(batch["text_ids"][uniq[chunk], :n], mask[chunk, :n]))
-        emb = torch.cat(parts)[torch.argsort(order)]  # back to ``uniq`` order
-        return emb[inverse]
+            rows = uniq[chunk].to(dev, non_blocking=True)
+            parts.append(self.encode_text(batch["text_ids"][rows, :n],
+                                          batch["text_mask"][rows, :n]))
+        emb = torch.cat(parts)[torch.argsort(order).to(dev)]  # back to ``uniq`` order
+        return emb[inverse.to(dev)]
+
+
+def _host(batch: dict, key: str) -> torch.Tensor | None:
+    """The CPU copy of ``batch[key]`` that :class:`model.collate.Collate` keeps, if any."""
+    host = batch.get("host")
+    return None if host is None else host.get(key)
 
 
 def flat_regions(batch: dict) -> dict[str, torch.Tensor]:

@@ -14,6 +14,8 @@ global_text         (B,)              index into the U texts; region_text (B, Rm
 neg_text            (B, Rm, K)        negatives; *_key: hashes of the caption texts
 meta                dict of lists     ids, labels, lateralities, captions (evaluation)
 pos                 list of tuples    data positions (reader, epoch, index, shard, row)
+host                dict of tensors   CPU copies of the text indices, region_valid and
+                                      text_len (U,): text buckets are planned on the host
 ==================  ================  ===============================================
 """
 
@@ -75,6 +77,8 @@ class Collate:
             "global_key": keys[gtext], "region_text": rtext, "region_key": keys[rtext],
             "neg_text": ntext, "neg_key": keys[ntext], "meta": meta,
             "pos": [s["pos"] for s in samples], "texts": uniq,
+            "host": {"global_text": gtext, "region_text": rtext, "neg_text": ntext,
+                     "region_valid": valid, "text_len": enc["attention_mask"].sum(1)},
         }
 
 

@@ -24,7 +24,13 @@ class ImageTowerConfig:
     depth: int = 4
     heads: int = 3
     mlp_ratio: float = 4.0
-    weights: str | None = None  # optional local state-dict file (our key names)
+    pre_norm: bool = True  # LayerNorm before the blocks (open_clip's ln_pre; most timm ViTs: none)
+    norm_eps: float = 1e-5  # LayerNorm epsilon (timm ViTs: 1e-6)
+    act: str = "gelu"  # MLP activation: gelu | gelu_tanh | quick_gelu (OpenAI CLIP weights)
+    weights: str | None = None  # local ViT state dict: ours, open_clip or timm (model/pretrained.py)
+    weights_rgb: str = "sum"  # RGB patch filters → 1 channel on import: sum | mean
+    weights_norm: str = "none"  # source input normalisation folded into the patch embedding on
+    # import: none | openai (CLIP) | imagenet | half (mean = std = 0.5)
 
 
 @dataclass
@@ -94,6 +100,10 @@ class TrainConfig:
     accum: int = 1
     log_every: int = 10
     ckpt_every: int = 100
+    ckpt_minutes: float = 0.0  # also checkpoint once this many minutes passed (0: by steps only)
+    keep_checkpoints: int = 1  # checkpoints kept: ckpt/last.pt and the N - 1 before it
+    val_every: int = 0  # steps between validation passes on the val split (0: none)
+    val_batches: int = 4  # micro-batches per validation pass and rank
     seed: int = 0
 
     @property

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from pycocotools import mask as mask_utils
@@ -38,6 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from model import captions as cap
 from model.config import DataConfig
+from pipeline import storage
 from pipeline.images.png import decode_png
 from pipeline.write import REGIONS_SCHEMA, committed_tables
 
@@ -59,10 +62,11 @@ class CorpusIndex:
     labels: list[str] = field(default_factory=list)  # label vocabulary (all splits' names)
     sides: dict[str, list[str | None]] = field(default_factory=dict)  # label → lateralities
     caption_version: str | None = None  # vocabulary of the stored captions (None: fallback)
+    _meta: dict | None = field(default=None, repr=False)  # Parquet footers of the images files
 
     @classmethod
-    def open(cls, root: Path) -> CorpusIndex:
-        root = Path(root)
+    def open(cls, root: Path | str) -> CorpusIndex:
+        root = storage.location(root)  # a folder, or an s3:// / gs:// corpus
         try:
             tables = committed_tables(root)
         except ValueError:
@@ -93,12 +97,37 @@ class CorpusIndex:
         c.sides = {k: sorted(v, key=str) for k, v in sides.items()}
         return c
 
+    def split_images(self, split: str) -> int:
+        """How many committed images ``split`` holds (the ``split`` column only is read)."""
+        return sum(pc.sum(pc.equal(pq.read_table(img, columns=["split"]).column("split"),
+                                   split)).as_py() or 0 for img, _ in self.shards)
+
     def prompt(self, label: str, side: str | None) -> str:
         """Zero-shot prompt in the corpus's caption phrasing (:func:`captions.prompter`)."""
         return cap.prompter(self.caption_version if self.region_captions else None)(label, side)
 
-    def units(self) -> list[tuple[int, int]]:
-        return [(s, g) for s, n in enumerate(self.row_groups) for g in range(n)]
+    def units(self, split: str | None = None) -> list[tuple[int, int]]:
+        """(shard, row group) pairs; with ``split``, only the row groups whose ``split`` column
+        statistics allow rows of it (the others are never read)."""
+        units = [(s, g) for s, n in enumerate(self.row_groups) for g in range(n)]
+        if split is None:
+            return units
+        return [u for u in units if self._may_hold(u, split)]
+
+    def _may_hold(self, unit: tuple[int, int], split: str) -> bool:
+        if self._meta is None:
+            self._meta = {}
+        s, g = unit
+        if s not in self._meta:
+            self._meta[s] = pq.ParquetFile(self.shards[s][0]).metadata
+        meta = self._meta[s]
+        names = meta.schema.names
+        if "split" not in names:
+            return True
+        st = meta.row_group(g).column(names.index("split")).statistics
+        if st is None or not st.has_min_max:
+            return True
+        return st.min <= split <= st.max
 
 
 @dataclass
@@ -129,38 +158,56 @@ class RegionCorpus(IterableDataset):
         self.rank, self.world, self.start, self.rotate = rank, world, start or {}, rotate
 
     # -- raw rows ----------------------------------------------------------------------------
+    def _regions_by_image(self, shard: int, cache: dict) -> dict[str, list[dict]]:
+        """The shard's regions of this split by image id: the needed columns only, read and
+        converted once per shard visit (rows of other splits are filtered on read)."""
+        if shard not in cache:
+            cache.clear()
+            c = self.corpus
+            regions = c.shards[shard][1]
+            by_image: dict[str, list] = {}
+            if regions is not None:
+                cols = REGION_COLS + (REGION_CAPTIONS if c.region_captions else [])
+                t = pq.read_table(regions, columns=cols, filters=[("split", "==", self.split)])
+                for r in t.to_pylist():
+                    by_image.setdefault(r["image_id"], []).append(r)
+            cache[shard] = by_image
+        return cache[shard]
+
     def _read_unit(self, shard: int, group: int, part: int, parts: int, regions_cache: dict):
+        """Rows of this split and part in one images row group (read once, needed columns only;
+        only the kept rows are converted to Python)."""
         c = self.corpus
-        images, regions = c.shards[shard]
         cols = IMAGE_COLS + (IMAGE_CAPTIONS if c.image_captions else [])
-        pf = pq.ParquetFile(images)
+        pf = pq.ParquetFile(c.shards[shard][0])
         t = pf.read_row_group(group, columns=cols)
         base = sum(pf.metadata.row_group(i).num_rows for i in range(group))
-        if shard not in regions_cache:
-            regions_cache.clear()
-            rcols = REGION_COLS + (REGION_CAPTIONS if c.region_captions else [])
-            rt = [] if regions is None else pq.read_table(regions, columns=rcols).to_pylist()
-            by_image: dict[str, list] = {}
-            for r in rt:
-                by_image.setdefault(r["image_id"], []).append(r)
-            regions_cache[shard] = by_image
-        by_image = regions_cache[shard]
-        rows = t.to_pylist()
-        for i, row in enumerate(rows):
-            if (base + i) % parts != part or row["split"] != self.split:
-                continue
+        offsets = np.arange(base, base + t.num_rows)
+        keep = pc.fill_null(pc.equal(t.column("split"), self.split), False)
+        if parts > 1:
+            keep = pc.and_(keep, pa.array(offsets % parts == part))
+        kept = pc.indices_nonzero(keep).to_numpy()
+        if len(kept) == 0:
+            return
+        by_image = self._regions_by_image(shard, regions_cache)
+        rows = t.take(kept).to_pylist()
+        for row, off in zip(rows, offsets[kept].tolist(), strict=True):
             row["regions"] = by_image.get(row["image_id"], [])
-            row["shard"], row["row"] = shard, base + i
+            row["shard"], row["row"] = shard, off
             yield row
 
     def _epoch_rows(self, g: int, readers: int, epoch: int):
-        units = self.corpus.units()
+        units = self.corpus.units(self.split)
+        if not units:
+            return
         parts = math.ceil(readers / len(units))
         virtual = [(s, grp, p) for (s, grp) in units for p in range(parts)]
         mine = [v for i, v in enumerate(virtual) if i % readers == g]
         rng = np.random.default_rng([self.seed, epoch, g])
-        if self.train:
+        if self.train:  # shards in random order, each shard's units together in random order:
+            order = {s: k for k, s in enumerate(rng.permutation(len(self.corpus.shards)))}
             mine = [mine[i] for i in rng.permutation(len(mine))]
+            mine.sort(key=lambda v: order[v[0]])  # (each regions shard is read once per epoch)
         cache: dict = {}
         buf: list = []
         for s, grp, p in mine:
@@ -233,8 +280,10 @@ class RegionCorpus(IterableDataset):
     def _region(self, r: dict, pad: tuple[int, int, int], rng: np.random.Generator) -> dict:
         oy, ox, side = pad
         s = self.size
-        m = mask_utils.decode({"size": list(r["mask_rle"]["size"]),
-                               "counts": r["mask_rle"]["counts"].encode()})  # (H, W)
+        rle = {"size": list(r["mask_rle"]["size"]), "counts": r["mask_rle"]["counts"].encode()}
+        m = mask_utils.decode(rle)  # (H, W)
+        bx, by, bw, bh = (int(v) for v in mask_utils.toBbox(rle))  # the mask's own extent
+        inside = (by + oy, by + oy + bh, bx + ox, bx + ox + bw)  # rows, columns of ``sq``
         sq = np.zeros((side, side), np.uint8)
         sq[oy:oy + m.shape[0], ox:ox + m.shape[1]] = m
         mask = (cv2.resize(sq.astype(np.float32), (s, s), interpolation=cv2.INTER_AREA) > 0.25)
@@ -251,13 +300,17 @@ class RegionCorpus(IterableDataset):
         negs = (list(negs) * k)[:k] if len(negs) < k else list(negs[:k])
         return {"mask": mask.astype(np.uint8), "box": box, "caption": self._caption(r),
                 "negatives": negs, "label": r["label"], "laterality": r["laterality"],
-                "region_id": r["region_id"], "points": self._points(sq, box, side, rng)}
+                "region_id": r["region_id"], "points": self._points(sq, box, side, rng, inside)}
 
-    def _points(self, sq: np.ndarray, box: np.ndarray, side: int,
-                rng: np.random.Generator) -> np.ndarray:
-        """(P, 3): x, y normalised and label (1 inside the mask, 0 outside, −1 none)."""
+    def _points(self, sq: np.ndarray, box: np.ndarray, side: int, rng: np.random.Generator,
+                inside: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """(P, 3): x, y normalised and label (1 inside the mask, 0 outside, −1 none). ``inside``
+        (row0, row1, col0, col1): the window of ``sq`` that holds every mask pixel (the mask's
+        RLE bounding box): the same pixels in the same order as a scan of all of ``sq``."""
         pts = np.full((self.points, 3), -1.0, np.float32)
-        ys, xs = np.nonzero(sq)
+        r0, r1, c0, c1 = inside if inside is not None else (0, side, 0, side)
+        ys, xs = np.nonzero(sq[r0:r1, c0:c1])
+        ys, xs = ys + r0, xs + c0
         if self.points >= 1 and len(xs):
             i = int(rng.integers(len(xs))) if self.train else len(xs) // 2
             pts[0] = [(xs[i] + 0.5) / side, (ys[i] + 0.5) / side, 1]

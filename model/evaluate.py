@@ -6,7 +6,9 @@ For each run (the region-aware one and, with ``--baseline``, the global-only abl
   with prompts "{laterality} {label}" (one per side the label has in the TRAIN split, embeddings
   averaged; phrased like the corpus's captions when it has stored ones, e.g. "lung nodule on
   the right"; see :func:`model.captions.prompter`) → accuracy, balanced accuracy (mean
-  per-class recall), macro one-vs-rest AUC (softmax of 100·cosine).
+  per-class recall), macro one-vs-rest AUC (softmax of 100·cosine); per class its support,
+  correct count, AUC and ROC curve, and the confusion matrix (rows = truth), with the
+  ``labels`` they are indexed by.
 * ``laterality_zero_shot``: regions whose laterality is left or right, prompts
   "left {label}" vs "right {label}" with the region's TRUE label → the same three numbers;
   ``bilateral_labels`` repeats them on the labels that occur on both sides in the train split
@@ -14,9 +16,15 @@ For each run (the region-aware one and, with ``--baseline``, the global-only abl
 * ``image_zero_shot``: multi-label (an image holds several structures); prompts are the label
   prompts and "slice showing {prompt}", averaged; decisions use the label-count oracle (an
   image with k labels predicts its top k) — see :func:`model.metrics.multi_label`.
-* ``retrieval``: R@1/5/10 for image→report, report→image, region→caption, caption→region.
-  Galleries of texts are the DISTINCT texts of the split; a text query's relevant items are all
-  images/regions carrying that exact text (templated corpora repeat captions).
+* ``retrieval``: R@1/5/10 and the R@K curve (K = 1..50) for image→report, report→image,
+  region→caption, caption→region, with the query and gallery counts. Galleries of texts are the
+  DISTINCT texts of the split; a text query's relevant items are all images/regions carrying
+  that exact text (templated corpora repeat captions).
+
+Scores are never held as an (items × gallery) matrix: zero-shot scores are computed in blocks of
+rows and one class column at a time, retrieval keeps a running top-k over gallery blocks
+(:mod:`model.metrics`), on ``device``; memory beyond the embeddings stays flat in the gallery
+size (``workflows/bench_evaluate.py``).
 
 Region embeddings: the region-aware model uses its ROI branch with the box, the mask and one
 positive point as prompts; the global-only model mask-pools its final patch tokens
@@ -30,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import sparse
 from torch.utils.data import DataLoader
 
 from model import captions as cap
@@ -103,13 +112,16 @@ def zero_shot(model, tok, corpus: CorpusIndex, e: dict, device) -> dict:
     prompts = _prompt_matrix(model, tok, groups, ml, device)  # (C, E)
     idx = {lab: i for i, lab in enumerate(labels)}
     target = np.array([idx[x] for x in e["label"]], dtype=int)
-    res = {"region_zero_shot": metrics.single_label(e["region"] @ prompts.T, target)}
+    res = {"region_zero_shot": {"labels": list(labels), **metrics.single_label(
+        metrics.EmbeddingScores(e["region"], prompts, device), target)}}
     img_groups = [g + [f"slice showing {p}" for p in g] for g in groups]
     img_prompts = _prompt_matrix(model, tok, img_groups, ml, device)
-    truth = np.zeros((len(e["image"]), len(labels)), bool)
-    for i, labs in enumerate(e["image_labels"]):
-        truth[i, [idx[x] for x in labs]] = True
-    res["image_zero_shot"] = metrics.multi_label(e["image"] @ img_prompts.T, truth)
+    pairs = [(i, idx[x]) for i, labs in enumerate(e["image_labels"]) for x in set(labs)]
+    rows, cols = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+    truth = sparse.csr_matrix((np.ones(len(rows), bool), (rows, cols)),
+                              shape=(len(e["image"]), len(labels)))  # (images, labels)
+    res["image_zero_shot"] = metrics.multi_label(
+        metrics.EmbeddingScores(e["image"], img_prompts, device), truth)
     sided = [i for i, s in enumerate(e["laterality"]) if s in cap.SIDES]
     pairs = [[corpus.prompt(e["label"][i], "left"), corpus.prompt(e["label"][i], "right")]
              for i in sided]
@@ -118,7 +130,8 @@ def zero_shot(model, tok, corpus: CorpusIndex, e: dict, device) -> dict:
     if sided:
         lat_scores = np.einsum("ne,nke->nk", e["region"][sided], flat.reshape(len(sided), 2, -1))
     lat_target = np.array([cap.SIDES.index(e["laterality"][i]) for i in sided], dtype=int)
-    res["laterality_zero_shot"] = metrics.single_label(lat_scores, lat_target)
+    res["laterality_zero_shot"] = {"labels": list(cap.SIDES),
+                                   **metrics.single_label(lat_scores, lat_target)}
     # labels seen on BOTH sides in training: the side cannot be inferred from the label alone
     both = {lab for lab, s in corpus.sides.items() if {"left", "right"} <= set(s)}
     keep = np.array([e["label"][i] in both for i in sided], dtype=bool)
@@ -135,12 +148,12 @@ def retrieval(model, tok, e: dict, device) -> dict:
         gallery = sorted(set(texts))
         pos = {t: i for i, t in enumerate(gallery)}
         temb = embed_texts(model, tok, gallery, ml, device)
-        rel = np.zeros((len(items), len(gallery)), bool)
-        rel[np.arange(len(items)), [pos[t] for t in texts]] = True
-        sim = items @ temb.T
+        key, text_key = np.array([pos[t] for t in texts], dtype=np.int64), np.arange(len(gallery))
         txt = "report" if name == "image" else "caption"
-        out[f"{name}_to_{txt}"] = metrics.recall_at(sim, rel)
-        out[f"{txt}_to_{name}"] = metrics.recall_at(sim.T, rel.T)
+        out[f"{name}_to_{txt}"] = metrics.retrieval_recall(items, temb, key, text_key,
+                                                           device=device)
+        out[f"{txt}_to_{name}"] = metrics.retrieval_recall(temb, items, text_key, key,
+                                                           device=device)
     return out
 
 
@@ -160,25 +173,3 @@ def evaluate_run(run: Path, corpus: CorpusIndex, device="cpu", split: str = "tes
     res["run"] = str(run)
     res["n_images"], res["n_regions"] = int(len(e["image"])), int(len(e["region"]))
     return ("global_only" if cfg.model.global_only else "region_aware"), res
-
-
-def markdown(report: dict) -> str:
-    kinds = [k for k in ("region_aware", "global_only") if k in report]
-    lines = ["| metric | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-
-    def fmt(v):
-        return "–" if v is None else f"{v:.3f}"
-
-    for task in ("region_zero_shot", "laterality_zero_shot", "image_zero_shot"):
-        for m in ("accuracy", "balanced_accuracy", "auc"):
-            lines.append(f"| {task} {m} | " + " | ".join(fmt(report[k][task][m]) for k in kinds)
-                         + " |")
-        if task == "laterality_zero_shot":
-            for m in ("accuracy", "balanced_accuracy", "auc"):
-                lines.append(f"| laterality (bilateral labels only) {m} | " + " | ".join(
-                    fmt(report[k][task]["bilateral_labels"][m]) for k in kinds) + " |")
-    for d in report[kinds[0]]["retrieval"]:
-        for m in ("r1", "r5", "r10"):
-            lines.append(f"| {d} {m.upper()} | "
-                         + " | ".join(fmt(report[k]["retrieval"][d][m]) for k in kinds) + " |")
-    return "\n".join(lines) + "\n"

@@ -3,18 +3,41 @@
 The same tower encodes the global image and the ROI crops (RegionMed-CLIP): the position
 embedding is bilinearly resized when the input grid differs from the preset's. Dense prompts
 (MedP-CLIP masks) are added to the patch embeddings before the blocks.
+
+The options ``pre_norm``, ``norm_eps`` and ``act`` let the tower compute exactly what an open_clip
+or timm ViT computes, so their weights can be imported (``cfg.weights``, :mod:`model.pretrained`);
+their defaults are the tower this project always had.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import ImageTowerConfig
+from model.pretrained import ImportReport, import_weights, read_weights, tower_options
+
+log = logging.getLogger(__name__)
+
+
+class QuickGELU(nn.Module):
+    """x · sigmoid(1.702 x): the activation of OpenAI's CLIP weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+               "quick_gelu": QuickGELU}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"image.act {name}: unknown (have {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]()
 
 
 class Attention(nn.Module):
@@ -45,20 +68,21 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Sequential):
-    def __init__(self, dim: int, ratio: float):
+    def __init__(self, dim: int, ratio: float, act: str = "gelu"):
         hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        super().__init__(nn.Linear(dim, hidden), activation(act), nn.Linear(hidden, dim))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float = 1e-5,
+                 act: str = "gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, mlp_ratio)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_ratio, act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -76,9 +100,12 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_chans, d, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, d))
-        self.norm_pre = nn.LayerNorm(d)
-        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(d)
+        eps = cfg.norm_eps
+        self.norm_pre = nn.LayerNorm(d, eps=eps) if cfg.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, eps, cfg.act)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d, eps=eps)
+        self.import_report: ImportReport | None = None  # set by build_image_tower on import
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -125,21 +152,23 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def build_image_tower(cfg: ImageTowerConfig) -> VisionTransformer:
-    """ViT from ``cfg``; ``cfg.weights`` (a local ``torch.save`` state dict) is loaded if set,
-    with the position embedding resized when the grid differs."""
+    """ViT from ``cfg``; ``cfg.weights`` (a local open_clip, timm or own state dict) is imported
+    when set (:func:`model.pretrained.import_weights`: keys mapped, RGB filters to 1 channel,
+    position embedding resampled to the preset's grid). ``cfg`` takes the tower options the file
+    implies (``pre_norm``, ``norm_eps``), so the run's checkpoint rebuilds the same tower; the
+    import report is logged and kept as ``tower.import_report``."""
+    if not cfg.weights:
+        return VisionTransformer(cfg)
+    source = read_weights(cfg.weights, cfg)
+    for name, value in tower_options(source).items():
+        setattr(cfg, name, value)
     vit = VisionTransformer(cfg)
-    if cfg.weights:
-        state = torch.load(Path(cfg.weights), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        pos = state.get("pos_embed")
-        if pos is not None and pos.shape != vit.pos_embed.shape:
-            src = VisionTransformer.__new__(VisionTransformer)
-            nn.Module.__init__(src)
-            src.pos_embed, src.grid = nn.Parameter(pos), int(math.isqrt(pos.shape[1] - 1))
-            state["pos_embed"] = VisionTransformer.pos_for(src, vit.grid).detach()
-        missing, unexpected = vit.load_state_dict(state, strict=False)
-        if unexpected:
-            raise ValueError(f"--image-weights {cfg.weights}: unexpected keys {unexpected[:5]}")
-        if missing:
-            raise ValueError(f"--image-weights {cfg.weights}: missing keys {missing[:5]}")
+    report = import_weights(vit, source, cfg)
+    vit.import_report = report
+    log.info("image weights imported: %d tower keys matched, %d missing, %d zero-filled, "
+             "%d file keys unexpected, %d outside the image tower", len(report.matched),
+             len(report.missing), len(report.filled), len(report.unexpected), report.ignored)
+    if report.missing:  # names in tower.import_report.missing
+        log.warning("image weights: %d tower keys left at their initialisation",
+                    len(report.missing))
     return vit

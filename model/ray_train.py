@@ -62,7 +62,7 @@ def train_on_ray(opts: TrainOptions, ray_opts: RayOptions) -> dict:
     earlier run (here, once; the workers never delete)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     started = not ray.is_initialized()
     # set before torch loads OpenMP in the workers (see workflows/train_model.py)
@@ -86,6 +86,7 @@ def train_on_ray(opts: TrainOptions, ray_opts: RayOptions) -> dict:
             train_loop_config={"opts": replace(opts, out=out, corpus=opts.corpus.resolve()),
                                "launched": time.time(),
                                "threads": ray_opts.cpus_per_worker},
+            torch_config=TorchConfig(timeout_s=int(opts.dist_timeout_s)),  # every collective
             scaling_config=ScalingConfig(num_workers=ray_opts.workers, use_gpu=gpu,
                                          resources_per_worker={"CPU": ray_opts.cpus_per_worker}),
             run_config=RunConfig(name="ray_train", storage_path=str(out),

@@ -2,18 +2,34 @@
 loop with accumulation, autocast, DDP, logging and atomic checkpoints.
 
 Progressive stages (RegionMed-CLIP): stage 1 trains global image ↔ report/summary pairs only;
-stage 2 trains region ↔ caption + hard negatives through the ROI branch; stage 3 trains all
-losses jointly. Stage lengths come from the preset (``train.stage_steps``), rescaled when
+stage 2 adds region ↔ caption + hard negatives through the ROI branch, with the global loss kept
+(``model.loss.stage_losses``: the towers are shared, and without it stage 2 undid stage 1);
+stage 3 trains all losses jointly. Stage lengths come from the preset (``train.stage_steps``), rescaled when
 ``--steps`` is given. ``--global-only`` trains the ablation (no ROI branch) with the same step
 budget and only ``global_loss``.
 
 DDP: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is
-initialised from the environment (NCCL on CUDA, gloo on CPU), each rank reads its own readers'
-shards, and the losses gather features across ranks (see :mod:`model.loss`).
+initialised from the environment (NCCL on CUDA, gloo on CPU) with an explicit timeout
+(``TrainOptions.dist_timeout_s``), each rank reads its own readers' shards, and the losses gather
+features across ranks (see :mod:`model.loss`). The parameters a stage does not use
+(:func:`stage_unused`) are frozen for that stage and DDP is rebuilt at each stage change, so DDP
+runs without ``find_unused_parameters``. Loss terms and the gradient norm stay on the device and
+are synchronised (all-reduced, copied to the host) only when a log row is written.
+
+Tokenizer (:func:`run_tokenizer`): the run's own (resume), the pretrained text folder's, else
+the corpus's stored one (``python -m workflows.build_tokenizer``, see :mod:`model.tokenizer`);
+without a stored one every rank builds the same vocabulary from the caption columns itself. No
+rank waits in a collective while another does file work.
+
+Checkpoints (:class:`model.checkpoint.CheckpointWriter`) are written by a background thread
+every ``ckpt_every`` steps and, with ``ckpt_minutes``, at the first log row after that many
+minutes; ``keep_checkpoints`` are kept. Validation (:mod:`model.validate`) runs every
+``val_every`` steps and is logged with ``"split": "val"``.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -21,16 +37,19 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from model import captions as cap
+from model.accum import accumulate, merge_features  # noqa: F401  (merge_features: public here)
 from model.checkpoint import (
+    CheckpointWriter,
     check_run_folder,
     ckpt_path,
     clear_run,
@@ -38,7 +57,6 @@ from model.checkpoint import (
     load_checkpoint,
     pack_data_state,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
 from model.clip import build_model
@@ -46,8 +64,9 @@ from model.collate import Collate, to_device
 from model.config import RunConfig, load_preset, scale_stages
 from model.data import CorpusIndex, RegionCorpus, states_from_batch
 from model.loss import RegionClipLoss
-from model.text_tower import load_tokenizer, train_tokenizer
+from model.tokenizer import run_tokenizer
 from model.trainlog import TrainLog
+from model.validate import Validator
 
 NO_DECAY_KEYS = ("embed", "cls_token", "not_a_point", "no_mask", "logit_", "embeddings")
 
@@ -70,6 +89,11 @@ class TrainOptions:
     workers: int | None = None
     log_every: int | None = None
     ckpt_every: int | None = None
+    ckpt_minutes: float | None = None  # also checkpoint at the first log row after this long
+    keep_checkpoints: int | None = None  # checkpoints kept (last.pt and the N - 1 before it)
+    val_every: int | None = None  # steps between validation passes (0: none)
+    val_batches: int | None = None  # micro-batches per validation pass and rank
+    dist_timeout_s: float = 1800.0  # init_process_group timeout (every collective's limit)
     stop_after: int | None = None  # stop (as if killed) after this step; tests and preemption
 
 
@@ -84,9 +108,13 @@ def run_config(opts: TrainOptions) -> RunConfig:
     for name, val, target in [("batch", opts.batch, cfg.data), ("workers", opts.workers, cfg.data),
                               ("accum", opts.accum, cfg.train),
                               ("log_every", opts.log_every, cfg.train),
-                              ("ckpt_every", opts.ckpt_every, cfg.train)]:
+                              ("ckpt_every", opts.ckpt_every, cfg.train),
+                              ("keep_checkpoints", opts.keep_checkpoints, cfg.train),
+                              ("val_every", opts.val_every, cfg.train),
+                              ("val_batches", opts.val_batches, cfg.train),
+                              ("ckpt_minutes", opts.ckpt_minutes, cfg.train)]:
         if val is not None:
-            if val < (0 if name == "workers" else 1):
+            if val < (0 if name in ("workers", "val_every", "ckpt_minutes") else 1):
                 raise ValueError(f"--{name.replace('_', '-')} {val}: out of range")
             setattr(target, name, val)
     cfg.train.seed = opts.seed
@@ -95,11 +123,11 @@ def run_config(opts: TrainOptions) -> RunConfig:
     return cfg
 
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+def setup_distributed(device: str, timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if device.startswith("cuda") and world > 1:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -141,37 +169,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_tokenizer(corpus: CorpusIndex, cfg: RunConfig, run: Path, rank: int):
-    """Run tokenizer: pretrained text folder's own, else WordPiece trained on train captions."""
-    folder = run / "tokenizer"
-    if rank == 0 and not (folder / "tokenizer.json").exists():
-        if cfg.text.weights:
-            load_tokenizer(Path(cfg.text.weights)).save_pretrained(str(folder))
-        else:
-            ds = RegionCorpus(corpus, "train", cfg.data, cfg.image.image_size, train=False)
-            train_tokenizer(caption_texts(ds), folder, cfg.text.vocab_size)
-    if dist.is_initialized():
-        dist.barrier()
-    return load_tokenizer(folder)
+def stage_unused(stage: int) -> tuple[str, ...]:
+    """Parameter-name prefixes a stage's losses never reach (frozen for that stage, so DDP needs
+    no ``find_unused_parameters``): stage 1 (global) leaves the ROI branch and the region
+    temperature; stages 2 and 3 use every parameter (the global loss stays on:
+    :func:`model.loss.stage_losses`)."""
+    if stage == 1:
+        return ("roi.", "region_proj.", "region_logit_scale")
+    return ()
 
 
-def caption_texts(ds: RegionCorpus):
-    """Every caption of the split (undecoded rows), plus the label-vocabulary prompts."""
-    c = ds.corpus
-    for lab, sides in c.sides.items():
-        yield from cap.label_prompts(lab, sides, c.prompt)
-        yield from (c.prompt(lab, s) for s in ("left", "right"))
-    for row in ds._epoch_rows(0, 1, 0):
-        caps = [ds._caption(r) for r in row["regions"]]
-        yield row.get("caption_summary") or cap.image_summary(
-            [r["label"] for r in row["regions"]], row["modality"], row["plane"])
-        yield row.get("caption_report") or cap.image_report(caps, row["modality"], row["plane"])
-        yield from caps
-        for r in row["regions"]:
-            yield from (r.get("negatives") or [])
+def set_stage(core: torch.nn.Module, stage: int) -> None:
+    """requires_grad of every parameter for ``stage`` (see :func:`stage_unused`)."""
+    unused = stage_unused(stage)
+    for name, p in core.named_parameters():
+        p.requires_grad_(not name.startswith(unused))
 
 
-def make_loader(corpus: CorpusIndex, cfg: RunConfig, tok, rank: int, world: int, start, rotate: int):
+def wrap_ddp(core: torch.nn.Module, stage: int, device: torch.device, world: int):
+    """``core`` with the parameters of ``stage`` trainable, in DDP when ``world`` > 1."""
+    set_stage(core, stage)
+    if world == 1:
+        return core
+    gc.collect()  # the previous wrapper's reducer (and its gradient hooks) is gone first
+    return DDP(core, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=False)
+
+
+def make_loader(corpus: CorpusIndex, cfg: RunConfig, tok, rank: int, world: int, start, rotate: int,
+                pin: bool = False):
+    """The training DataLoader; ``pin`` (CUDA) pins batches so host → device copies overlap."""
     ds = RegionCorpus(corpus, "train", cfg.data, cfg.image.image_size,
                       points=cfg.prompt.points_per_region, seed=cfg.train.seed, train=True,
                       rank=rank, world=world, start=start, rotate=rotate)
@@ -180,7 +207,15 @@ def make_loader(corpus: CorpusIndex, cfg: RunConfig, tok, rank: int, world: int,
     w = cfg.data.workers
     return DataLoader(ds, batch_size=cfg.data.batch, collate_fn=collate, num_workers=w,
                       persistent_workers=w > 0, prefetch_factor=4 if w else None,
+                      pin_memory=pin, worker_init_fn=worker_init if w else None,
                       generator=torch.Generator().manual_seed(cfg.train.seed))
+
+
+def worker_init(_worker: int) -> None:
+    """One OpenCV and one torch thread per DataLoader worker (the workers are the parallelism;
+    their own thread pools would oversubscribe the cores)."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def _claim_run(opts: TrainOptions, rank: int) -> None:
@@ -223,53 +258,55 @@ def _model_and_optimizer(cfg: RunConfig, vocab: int, device: torch.device,
     return model, opt, step
 
 
+NO_TRAIN_IMAGES = ("--corpus {corpus}: no images in the train split (build-corpus assigns whole "
+                   "patients to train/val/test; a corpus of very few patients may have none)")
+
+
 def train(opts: TrainOptions) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rank, world, device = setup_distributed(opts.device)
+    rank, world, device = setup_distributed(opts.device, opts.dist_timeout_s)
     _claim_run(opts, rank)
     cfg, ckpt, resume = _run_setup(opts, rank)
     corpus = CorpusIndex.open(opts.corpus)
-    tok = build_tokenizer(corpus, cfg, opts.out, rank)
+    if corpus.split_images("train") == 0:  # the loader would wait forever for a first batch
+        raise ValueError(NO_TRAIN_IMAGES.format(corpus=opts.corpus))
+    tok = run_tokenizer(corpus, cfg, opts.out, rank, opts.resume)
     states, rotate = data_states(ckpt, rank) if ckpt else ({}, 0)
     core, opt, step = _model_and_optimizer(cfg, len(tok), device, ckpt)
-    model = core
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=True)
     loss_fn = RegionClipLoss(cfg.loss)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    loader = make_loader(corpus, cfg, tok, rank, world, states, rotate)
-    batches = iter(loader)
+    batches = iter(make_loader(corpus, cfg, tok, rank, world, states, rotate,
+                               pin=device.type == "cuda"))
     log = TrainLog(opts.out, rank, resume_step=step if resume else None)
-
-    total = cfg.train.total_steps
-    consumed, t0 = 0, time.perf_counter()
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    win = dict.fromkeys(("seen", "steps", "data_s", "step_s"), 0.0)  # since the last log row
+    writer = CheckpointWriter(opts.out, cfg.train.keep_checkpoints)
+    val = Validator(corpus, cfg, tok, rank, world, device, amp) if cfg.train.val_every else None
+    total, t = cfg.train.total_steps, cfg.train
+    consumed, stage, model, win = 0, 0, core, _Window()
+    last_save = time.monotonic()
     while step < total and (opts.stop_after is None or step < opts.stop_after):
-        stage = stage_of(step, cfg)
+        if stage_of(step, cfg) != stage:
+            stage = stage_of(step, cfg)
+            model = None  # the previous stage's DDP wrapper goes before the next is built
+            model = wrap_ddp(core, stage, device, world)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        t = time.perf_counter()
         terms, gnorm, n, wait = train_step(model, core, opt, loss_fn, batches, states, cfg, stage,
                                            device, amp, world)
-        _add(win, seen=n, steps=1, data_s=wait, step_s=time.perf_counter() - t - wait)
-        consumed += cfg.train.accum
-        for k, v in terms.items():
-            sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+        win.add(terms, gnorm, n, wait)
+        consumed += t.accum
         step += 1
-        if step % cfg.train.log_every == 0 or step == total:
-            sc = {k: float(v.detach()) for k, v in core.scales().items()}
-            log.write(step, stage, sums, counts, lr=lr_at(step - 1, cfg), grad_norm=gnorm,
-                      samples_per_s=win["seen"] * world / (time.perf_counter() - t0),
-                      data_s=win["data_s"] / win["steps"], step_s=win["step_s"] / win["steps"],
-                      **sc)
-            sums, counts, t0 = {}, {}, time.perf_counter()
-            win = dict.fromkeys(win, 0.0)
-        if step % cfg.train.ckpt_every == 0 or step == total:
+        log.tick(step, total)  # the steps bar (rank 0)
+        due = False
+        if step % t.log_every == 0 or step == total:
+            overdue = t.ckpt_minutes > 0 and time.monotonic() - last_save >= t.ckpt_minutes * 60
+            due = win.flush(log, step, stage, lr_at(step - 1, cfg), core, world, overdue)
+        if val is not None and step % t.val_every == 0:
+            val.run(core, step, stage, log)
+        if step % t.ckpt_every == 0 or step == total or due:
             rot = (rotate + consumed) % max(cfg.data.workers, 1)
-            _checkpoint(opts.out, core, opt, cfg, step, stage, states, rot, len(tok), rank, world)
+            _checkpoint(writer, core, opt, cfg, step, stage, states, rot, len(tok), rank, world)
+            last_save = time.monotonic()
+    writer.close()
     log.close()
     if world > 1:
         dist.barrier()
@@ -277,15 +314,51 @@ def train(opts: TrainOptions) -> dict:
             "checkpoint": str(ckpt_path(opts.out))}
 
 
-def _add(acc: dict[str, float], **vals: float) -> None:
-    for k, v in vals.items():
-        acc[k] += v
+class _Window:
+    """Loss terms (device tensors), images and seconds since the last log row: nothing is
+    copied to the host until :meth:`flush`."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.gnorm: torch.Tensor | None = None
+        self.seen = self.steps = 0
+        self.data_s = 0.0  # seconds waiting for the loader
+        self.t0 = time.perf_counter()
+
+    def add(self, terms: dict, gnorm: torch.Tensor, n: int, data_s: float):
+        for k, v in terms.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.gnorm, self.seen, self.steps = gnorm, self.seen + n, self.steps + 1
+        self.data_s += data_s
+
+    def flush(self, log: TrainLog, step: int, stage: int, lr: float, core, world: int,
+              overdue: bool) -> bool:
+        """Write the log row (one all-reduce and one host copy); return whether any rank asks
+        for a time-based checkpoint (``overdue``)."""
+        names = sorted(self.sums)
+        dev = self.gnorm.device
+        vec = torch.stack([self.sums[k].float() for k in names]
+                          + [self.gnorm.float(), torch.tensor(float(overdue), device=dev)])
+        if world > 1:
+            dist.all_reduce(vec)
+        vals = vec.tolist()
+        sums = {k: vals[i] / world for i, k in enumerate(names)}
+        sc = {k: float(v.detach()) for k, v in core.scales().items()}
+        elapsed = time.perf_counter() - self.t0  # after the sync: the device's work included
+        log.write(step, stage, sums, self.counts, lr=lr, grad_norm=vals[-2] / world,
+                  samples_per_s=self.seen * world / elapsed, data_s=self.data_s / self.steps,
+                  step_s=max(elapsed - self.data_s, 0.0) / self.steps, **sc)
+        self.__init__()
+        return vals[-1] > 0
 
 
 def train_step(model, core, opt, loss_fn, batches, states, cfg: RunConfig, stage: int,
-               device: torch.device, amp, world: int) -> tuple[dict[str, float], float, int, float]:
-    """One optimizer step over ``accum`` micro-batches → (mean loss terms, grad norm, images,
-    seconds spent waiting for the loader)."""
+               device: torch.device, amp, world: int):
+    """One optimizer step over ``accum`` micro-batches → (mean loss terms as device tensors,
+    grad norm (device tensor), images, seconds spent waiting for the loader). Nothing here
+    waits for the device (no host copy)."""
     micro, data_s = [], 0.0
     for _ in range(cfg.train.accum):
         t = time.perf_counter()
@@ -294,79 +367,16 @@ def train_step(model, core, opt, loss_fn, batches, states, cfg: RunConfig, stage
         states_from_batch(states, batch["pos"])
         micro.append(to_device(batch, device))
     out = accumulate(model, loss_fn, micro, stage, amp, world)
-    if world > 1 and out:  # each rank's terms are (its rows' sum / global rows) · world
-        vec = torch.tensor(list(out.values()), device=device)
-        dist.all_reduce(vec)
-        out = dict(zip(out, (vec / world).tolist(), strict=True))
-    gnorm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
+    gnorm = torch.nn.utils.clip_grad_norm_(
+        [p for p in core.parameters() if p.grad is not None], cfg.train.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out, float(gnorm), sum(len(b["images"]) for b in micro), data_s
+    return out, gnorm, sum(len(b["images"]) for b in micro), data_s
 
 
-def accumulate(model, loss_fn, micro: list[dict], stage: int, amp, world: int = 1) -> dict[str, float]:
-    """Forward and backward of one optimizer step (gradients add up in ``.grad``) → mean terms.
-
-    The contrastive batch is ALL the micro-batches (open_clip's ``accum_freq``): their features
-    are first computed without grad and cached; then each micro-batch is recomputed with grad and
-    its loss is taken over the cached set with its own rows live, so the summed gradient equals
-    the gradient of one batch of all of them. The RNG state (prompt dropout) is replayed, so the
-    recomputed features equal the cached ones. One micro-batch: a plain forward and backward."""
-    want_global, want_region = stage in (1, 3), stage in (2, 3)
-    dev = micro[0]["images"].device
-    accum = len(micro)
-    model.train()
-    rngs, cached = [], []
-    if accum > 1:
-        with torch.no_grad(), amp:
-            for b in micro:
-                rngs.append(_rng_state(dev))
-                cached.append(model(b, want_global, want_region))
-    out: dict[str, float] = {}
-    for k, b in enumerate(micro):
-        if rngs:
-            _set_rng_state(rngs[k], dev)
-        sync = nullcontext() if (world == 1 or k == accum - 1) else model.no_sync()
-        with sync:
-            with amp:
-                feats = merge_features(cached, k, model(b, want_global, want_region))
-                terms = loss_fn(feats)
-                loss = loss_fn.total(terms)
-            loss.backward()
-        for name, v in terms.items():
-            out[name] = out.get(name, 0.0) + float(v.detach()) / accum
-    return out
-
-
-def merge_features(cached: list[dict], k: int, live: dict) -> dict:
-    """The features of all micro-batches (rows concatenated in micro-batch order) with those of
-    micro-batch ``k`` replaced by ``live`` (with grad). Scalars (temperatures, SigLIP bias) come
-    from ``live`` carrying 1/accum of their gradient, so that over the accum backward passes
-    every parameter receives the full-batch gradient exactly once."""
-    if not cached:
-        return live
-    n = len(cached)
-    out = {}
-    for name, v in live.items():
-        if v.ndim == 0:
-            out[name] = v / n + v.detach() * (1 - 1 / n)
-        else:
-            out[name] = torch.cat([v if i == k else c[name] for i, c in enumerate(cached)])
-    return out
-
-
-def _rng_state(dev: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple, dev: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], dev)
-
-
-def _checkpoint(run: Path, model, opt, cfg: RunConfig, step: int, stage: int, states, rotate: int,
-                vocab: int, rank: int, world: int) -> None:
+def _checkpoint(writer: CheckpointWriter, model, opt, cfg: RunConfig, step: int, stage: int,
+                states, rotate: int, vocab: int, rank: int, world: int) -> None:
+    """Gather every rank's data position; rank 0 hands the state to the background writer."""
     mine = pack_data_state(states, rotate)
     data = {0: mine}
     if world > 1:
@@ -374,6 +384,6 @@ def _checkpoint(run: Path, model, opt, cfg: RunConfig, step: int, stage: int, st
         dist.all_gather_object(every, mine)
         data = dict(enumerate(every))
     if rank == 0:
-        save_checkpoint(run, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "config": cfg.to_dict(), "step": step, "stage": stage,
-                              "data": data, "rng": rng_state(), "vocab_size": vocab})
+        writer.submit({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                       "config": cfg.to_dict(), "step": step, "stage": stage,
+                       "data": data, "rng": rng_state(), "vocab_size": vocab})

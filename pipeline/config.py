@@ -18,6 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.images.slicing import SliceConfig
 from pipeline.ingest.read import ReadConfig
 from pipeline.roi.regions import RegionConfig
@@ -111,7 +112,7 @@ class BuildConfig:
                 if not Path(root).is_dir():
                     raise ValueError(f"--collection {name} {root}: no such folder")
         for s in self.sources:
-            if not Path(s).exists():
+            if not storage.exists(s):
                 raise ValueError(f"SOURCE {s}: no such file or directory")
         r = self.split.ratios
         if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
@@ -174,6 +175,7 @@ class BuildConfig:
             d.pop(k)
         d["units_per_shard"] = self.execution.units_per_shard
         d["regions"].pop("device")
+        d["regions"].pop("encoder_batch")  # batching does not change outputs
         if self.regions.detector:  # the weights' content, not their path
             d["regions"]["detector"] = file_sha256(self.regions.detector)
         d["pipeline_version"] = PIPELINE_VERSION

@@ -1,13 +1,17 @@
 """The corpus format: table schemas, exactly-once shard commits, the manifest, committed files.
 
-Every table is written against one schema constant below (tests import them). A shard is
-committed by writing each non-empty table file to a temporary name, fsync, rename to
-``DIR/<table>/<shard>.parquet`` (``<shard>.rN.parquet`` for the N-th rebuild of a shard), and
-writing ``DIR/_commits/<shard>.json`` last: per table its row count and, when it has rows, its
-file and sha256 (an empty table has no file); the unit keys it covers; its status counts. A
-rebuilt shard's new marker replaces the old one in one rename, and only then are the old
-files deleted: a reader sees one attempt or the other, never both. A shard with no marker is
-not committed and is redone.
+Every table is written against one schema constant below (tests import them). ``DIR`` is a
+local folder or an ``s3://`` / ``gs://`` prefix (``pipeline.storage``); the protocol is the
+same on both. A shard is committed by writing each non-empty table file under an
+attempt-unique name, ``DIR/<table>/<shard>.parquet`` (``<shard>.rN.parquet`` for the N-th
+rebuild of a shard; a committed file is never overwritten), and writing
+``DIR/_commits/<shard>.json`` last: per table its row count and, when it has rows, its file
+and sha256 (an empty table has no file); the unit keys it covers; its status counts. Writing
+that marker is the commit, the one atomic act (:func:`pipeline.storage.put_bytes`: locally a
+temporary name, fsync and rename; on an object store, which has no rename, one PUT of a small
+object). A rebuilt shard's new marker replaces the old one in that one act, and only then are
+the old files deleted: a reader sees one attempt or the other, never both. A shard with no
+marker is not committed and is redone; files no marker lists are never read.
 
 ``manifest.json`` (the markers' summary, rewritten atomically by the build and by compaction)
 is what readers trust: :func:`committed_files` gives a table's committed files from it, and
@@ -26,7 +30,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipeline import storage
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # HF datasets Image
 
@@ -167,9 +174,41 @@ REGIONS_SCHEMA = pa.schema([
     ("caption_version", pa.string()),
 ])
 
+# The file index (``DIR/_index/files.parquet``, docs/schema.md): what discovery learned about
+# each scanned DICOM file, so that a resume reads again only the headers of files that changed.
+# No raw identifier: UIDs are keyed (HMAC) as discovery keys them; it is not a corpus table.
+FILE_INDEX_VERSION = "1"
+FILE_INDEX_SCHEMA = pa.schema([
+    ("file_key", pa.string()),
+    ("size_bytes", pa.int64()),
+    ("mtime_ns", pa.int64()),  # modification time (an object store's LastModified)
+    ("status", pa.string()),  # the header scan's verdict when it settled the file, else null
+    ("reason", pa.string()),
+    ("error", pa.string()),
+    ("group_key", pa.string()),  # unit key of its series and geometry
+    ("header_kind", pa.string()),  # image | rtstruct | seg | other; null: no header read
+    ("sop_class", pa.string()),
+    ("series_uid_key", pa.string()),
+    ("referenced_series_key", pa.string()),
+    ("modality", pa.string()),
+    ("rows", pa.int64()),
+    ("cols", pa.int64()),
+    ("frames", pa.int64()),
+    ("samples", pa.int64()),
+    ("bits_allocated", pa.int64()),
+    ("transfer_syntax", pa.string()),
+    ("iop", pa.list_(pa.float64())),
+    ("ipp", pa.list_(pa.float64())),
+    ("instance_number", pa.int64()),
+    ("enhanced", pa.bool_()),
+    ("has_pixels", pa.bool_()),
+    ("burned_in", pa.bool_()),
+])
+
 SCHEMAS = {"files": FILES_SCHEMA, "series": SERIES_SCHEMA, "images": IMAGES_SCHEMA,
            "regions": REGIONS_SCHEMA}
-ROW_GROUP_ROWS = {"files": 65536, "series": 4096, "images": 256, "regions": 16384}
+ROW_GROUP_ROWS = {"files": 65536, "series": 4096, "images": 256, "regions": 16384,
+                  "file_index": 65536}
 
 
 def file_sha256(path) -> str:
@@ -181,33 +220,43 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (local or remote) in one atomic act: :func:`storage.put_bytes`."""
+    storage.put_bytes(path, data)
 
 
-def write_table(path: Path, rows: list[dict], table: str) -> dict:
-    """Write ``rows`` as one Parquet file (zstd) against ``SCHEMAS[table]``, atomically →
-    {rows, sha256, file}. No rows: no file (``path`` removed if an unfinished attempt left
-    one) → {rows: 0}."""
-    if not rows:
-        path.unlink(missing_ok=True)
-        return {"rows": 0}
-    data = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
+def _write_parquet(path, data: pa.Table, table: str) -> str:
+    """Write ``data`` to ``path`` whole → its sha256. Locally a temporary name, fsync, rename;
+    remotely the file is encoded in memory (a shard's table: megabytes) and PUT once."""
+    kw = {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS[table],
+          "write_statistics": True}
+    if storage.is_remote(path):
+        sink = pa.BufferOutputStream()
+        pq.write_table(data, sink, **kw)
+        body = sink.getvalue().to_pybytes()
+        storage.put_bytes(path, body)
+        return hashlib.sha256(body).hexdigest()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(data, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS[table],
-                   write_statistics=True)
+    pq.write_table(data, tmp, **kw)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"rows": data.num_rows, "sha256": file_sha256(path), "file": str(path.relative_to(
-        path.parent.parent))}
+    return file_sha256(path)
+
+
+def write_table(path, rows: list[dict], table: str) -> dict:
+    """Write ``rows`` as one Parquet file (zstd) against ``SCHEMAS[table]``, atomically →
+    {rows, sha256, file}. No rows: no file (``path`` removed if an unfinished attempt left
+    one) → {rows: 0}. ``path``: a local path or a URI (``DIR/<table>/<name>``)."""
+    if not rows:
+        storage.delete(path)
+        return {"rows": 0}
+    data = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
+    sha = _write_parquet(path, data, table)
+    parts = str(path).replace(os.sep, "/").rsplit("/", 2)
+    return {"rows": data.num_rows, "sha256": sha, "file": f"{parts[-2]}/{parts[-1]}"}
 
 
 def shard_name(k: int) -> str:
@@ -220,9 +269,17 @@ def shard_number(name: str) -> int | None:
     return int(digits) if head == "shard" and digits.isdigit() else None
 
 
-def table_file(out: Path, table: str, name: str, attempt: int = 0) -> Path:
-    """Where attempt ``attempt`` of shard ``name`` writes ``table``."""
-    return out / table / (f"{name}.parquet" if attempt == 0 else f"{name}.r{attempt}.parquet")
+def table_file(out, table: str, name: str, attempt: int = 0):
+    """Where attempt ``attempt`` of shard ``name`` writes ``table`` (a Path, or a URI)."""
+    return storage.join(out, table, f"{name}.parquet" if attempt == 0
+                        else f"{name}.r{attempt}.parquet")
+
+
+def corpus_file(corpus, rel: str):
+    """A file of the corpus from its path relative to it (as markers and the manifest list
+    it): a Path for a local corpus, a URI string for a remote one; both open with pyarrow
+    (``pq.ParquetFile``, ``pq.read_table``) and Polars as they are."""
+    return storage.join(corpus, *rel.split("/"))
 
 
 def unit_digest(file_keys: Iterable[str]) -> str:
@@ -245,12 +302,13 @@ def commit_shard(out: Path, name: str, tables: dict[str, list[dict]], stats: dic
         stats["stage_s"] = {**stats["stage_s"], "commit": round(time.perf_counter() - t0, 3)}
     marker = {"shard": name, "attempt": attempt, "tables": files, "stats": stats,
               "units": dict(sorted((units or {}).items()))}
-    (out / "_commits").mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "_commits" / f"{name}.json", json.dumps(marker, indent=1).encode())
+    storage.makedirs(storage.join(out, "_commits"))
+    storage.put_bytes(storage.join(out, "_commits", f"{name}.json"),
+                      json.dumps(marker, indent=1).encode())  # the commit
     keep = {info.get("file") for info in files.values()}
     for rel in supersedes:
         if rel not in keep:
-            (out / rel).unlink(missing_ok=True)
+            storage.delete(corpus_file(out, rel))
     return marker
 
 
@@ -265,10 +323,15 @@ def committed_shards(out: Path) -> tuple[dict[str, dict], set[str]]:
 
     A marker is written only after its files. A compact shard's marker (catalogs.jobs) lists
     the shards it ``replaces``: they count as committed and leave the set of markers."""
+    markers = [json.loads(storage.read_bytes(storage.uri_of(out, info.path)))
+               for info in storage.list_files(storage.join(out, "_commits"))
+               if info.base_name.endswith(".json")]
+    fs, root = storage.resolve(out)
+    listed = [f"{root}/{f}" for m in markers for f in marker_files(m)]
+    there = {i.path for i in fs.get_file_info(listed) if i.type == pafs.FileType.File}
     done = {}
-    for marker_path in sorted((out / "_commits").glob("*.json")):
-        marker = json.loads(marker_path.read_text())
-        if all((out / f).exists() for f in marker_files(marker)):
+    for marker in markers:
+        if all(f"{root}/{f}" in there for f in marker_files(marker)):
             done[marker["shard"]] = marker
     replaced = {s for m in done.values() for s in m.get("replaces", ())}
     return {k: m for k, m in done.items() if k not in replaced}, replaced
@@ -282,7 +345,8 @@ def marker_units(out: Path, marker: dict) -> dict[str, str]:
     info = marker.get("tables", {}).get("files", {})
     if not info.get("file"):
         return {}
-    rows = pq.read_table(out / info["file"], columns=["unit_key", "file_key"]).to_pylist()
+    rows = pq.read_table(corpus_file(out, info["file"]),
+                         columns=["unit_key", "file_key"]).to_pylist()
     keys: dict[str, list[str]] = {}
     for r in rows:
         if r["unit_key"] is not None:
@@ -290,29 +354,32 @@ def marker_units(out: Path, marker: dict) -> dict[str, str]:
     return {k: unit_digest(v) for k, v in sorted(keys.items())}
 
 
-def read_manifest(corpus: Path) -> dict:
-    """``corpus/manifest.json``; ValueError when there is none (not a corpus, or no shard
-    committed yet)."""
-    path = Path(corpus) / "manifest.json"
-    if not path.is_file():
+def read_manifest(corpus) -> dict:
+    """``corpus/manifest.json`` (local or remote corpus); ValueError when there is none (not a
+    corpus, or no shard committed yet)."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(corpus, "manifest.json")))
+    except (FileNotFoundError, IsADirectoryError):
         raise ValueError(f"{corpus}: no manifest.json (not a corpus written by build-corpus, "
-                         "or the build has not committed a shard yet)")
-    return json.loads(path.read_text())
+                         "or the build has not committed a shard yet)") from None
 
 
-def committed_tables(corpus: Path, manifest: dict | None = None) -> dict[str, dict[str, Path]]:
+def committed_tables(corpus, manifest: dict | None = None) -> dict[str, dict]:
     """Committed shard name → {table: file} (tables with rows only), in shard-name order, from
     the manifest (``manifest``, else ``corpus/manifest.json``). A shard some listed compact
-    shard ``replaces`` is left out; a file listed nowhere is never returned."""
-    corpus = Path(corpus)
+    shard ``replaces`` is left out; a file listed nowhere is never returned. Files are
+    :func:`corpus_file` locations: Paths for a local corpus, URI strings (``s3://...``) for a
+    remote one; ``pq.ParquetFile(f)`` and ``pl.scan_parquet(str(f))`` open either."""
+    if not storage.is_remote(corpus):
+        corpus = Path(corpus)
     shards = (read_manifest(corpus) if manifest is None else manifest).get("shards", {})
     replaced = {s for m in shards.values() for s in m.get("replaces", ())}
-    return {name: {t: corpus / info["file"] for t, info in shards[name].get("tables", {}).items()
-                   if info.get("file")}
+    return {name: {t: corpus_file(corpus, info["file"])
+                   for t, info in shards[name].get("tables", {}).items() if info.get("file")}
             for name in sorted(shards) if name not in replaced}
 
 
-def committed_files(corpus: Path, table: str, manifest: dict | None = None) -> list[Path]:
+def committed_files(corpus, table: str, manifest: dict | None = None) -> list:
     """The committed files of ``table``, in shard-name order: the one list every reader of a
     corpus uses (see :func:`committed_tables`)."""
     return [files[table] for files in committed_tables(corpus, manifest).values()
@@ -347,16 +414,19 @@ def dataset_card(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def write_manifest(out: Path, manifest: dict) -> None:
+def write_manifest(out, manifest: dict) -> None:
     """``manifest.json`` atomically, then the dataset card ``README.md`` from it."""
-    atomic_write_bytes(out / "manifest.json",
-                       json.dumps(manifest, indent=1, sort_keys=True).encode())
-    atomic_write_bytes(out / "README.md", dataset_card(manifest).encode())
+    storage.put_bytes(storage.join(out, "manifest.json"),
+                      json.dumps(manifest, indent=1, sort_keys=True).encode())
+    storage.put_bytes(storage.join(out, "README.md"), dataset_card(manifest).encode())
 
 
-def remove_stale_temporaries(out: Path) -> int:
-    """Delete temporary files a killed run left behind (never a committed file)."""
-    n = 0
+def remove_stale_temporaries(out) -> int:
+    """Delete temporary files a killed run left behind (never a committed file). An object
+    store has none: objects are PUT whole under their final names."""
+    if storage.is_remote(out):
+        return 0
+    out, n = Path(out), 0
     for path in out.glob("*/.*.tmp-*"):
         path.unlink(missing_ok=True)
         n += 1
@@ -366,9 +436,9 @@ def remove_stale_temporaries(out: Path) -> int:
     return n
 
 
-def read_table(corpus: Path, table: str, columns: list[str] | None = None) -> list[dict]:
+def read_table(corpus, table: str, columns: list[str] | None = None) -> list[dict]:
     """Rows of ``table`` in the committed files of ``corpus`` (:func:`committed_files`)."""
-    files = committed_files(Path(corpus), table)
+    files = committed_files(corpus, table)
     if not files:
         return []
     tables = [pq.read_table(f) for f in files]
@@ -376,3 +446,39 @@ def read_table(corpus: Path, table: str, columns: list[str] | None = None) -> li
     if columns is not None:
         data = data.select([c for c in columns if c in data.column_names])
     return data.to_pylist()
+
+
+def file_index_path(out):
+    """Where the file index of the corpus at ``out`` lives."""
+    return storage.join(out, "_index", "files.parquet")
+
+
+def write_file_index(out, rows: list[dict] | dict[str, list], key_id: str) -> None:
+    """Replace the file index in one atomic act (local: temporary name, fsync, rename; object
+    store: one PUT), tagged with its version and the de-identification key's id. ``rows``:
+    row dicts, or one list per column."""
+    meta = {b"file_index_version": FILE_INDEX_VERSION.encode(), b"deid_key_id": key_id.encode()}
+    schema = FILE_INDEX_SCHEMA.with_metadata(meta)
+    data = (pa.Table.from_pydict(rows, schema=schema) if isinstance(rows, dict)
+            else pa.Table.from_pylist(rows, schema=schema))
+    _write_parquet(file_index_path(out), data, "file_index")
+
+
+def read_file_index(out, key_id: str) -> pa.Table | None:
+    """The file index, or None when there is none, it cannot be read, or it was written by
+    another index version, under another key or against another schema: not trusted, every
+    header is read again."""
+    fs, path = storage.resolve(file_index_path(out))
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_file(path) as f:  # one file: no dataset machinery to import
+            data = pq.ParquetFile(f).read()
+    except (OSError, pa.ArrowException):
+        return None
+    meta = data.schema.metadata or {}
+    if (meta.get(b"file_index_version") != FILE_INDEX_VERSION.encode()
+            or meta.get(b"deid_key_id") != key_id.encode()
+            or not data.schema.remove_metadata().equals(FILE_INDEX_SCHEMA)):
+        return None
+    return data

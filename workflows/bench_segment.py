@@ -1,4 +1,5 @@
 """python -m workflows.bench_segment [--patients 6] [--out docs-snippet.md] → box-prompt Dice + CPU timings.
+python -m workflows.bench_segment --stage-proxy [--images 64] [--encoder-batch 16] → model-actor CPU.
 
 Dice of box-prompted masks against label masks for LiteMedSAM and the Otsu baseline
 (:mod:`pipeline.roi.segment`) on
@@ -16,6 +17,16 @@ Dice is averaged per group (phantom organs vs lesions; MNI WM vs GM). LiteMedSAM
 timed on one 512×512 slice: image encoder ms per image, and decoder (prompt encoder + mask
 decoder + paste-back) ms per box from the difference between 1 and 16 boxes. Prints a markdown
 table and a JSON record; ``--out`` also writes the table to a file.
+
+``--stage-proxy``: the model actor's own CPU cost, without a GPU. Phantom CT at 512² cut as a
+``--roi labels,boxes`` build cuts it (every labelled slice, soft-tissue window), the images'
+model inputs made as the CPU actors make them (:func:`pipeline.roi.propose.model_inputs`),
+then :class:`pipeline.roi.propose.ModelStage` with LiteMedSAM's geometry and instantly
+returning modules (a zero embedding; a box-shaped low-res mask per prompt). Process CPU time of
+the stage call minus the segmenter's device work (upload, resize/normalise/pad, the modules,
+paste-back, threshold, bit-packing: GPU work on a GPU), plus pickling its answer and unpickling
+its input (what Ray's transfer costs the actor at most), per image: ``actor_cpu_ms_per_image``;
+and ``encoder_images_per_call``. Prints one JSON record.
 """
 
 from __future__ import annotations
@@ -246,6 +257,99 @@ def timing_record(lite) -> dict:
     return timing
 
 
+class _InstantEncoder(torch.nn.Module):
+    """(B, 3, 256, 256) → (B, 256, 64, 64) zeros: an encoder that costs nothing."""
+
+    def forward(self, x):
+        return x.new_zeros((x.shape[0], 256, 64, 64))
+
+
+class _BoxPrompts(torch.nn.Module):
+    """Keeps the prompt boxes for :class:`_BoxMasks`; ``get_dense_pe`` for the decoder call."""
+
+    def forward(self, points, boxes, masks):
+        return boxes, None
+
+    def get_dense_pe(self):
+        return None
+
+
+class _BoxMasks(torch.nn.Module):
+    """Low-res (N, 1, 256, 256) logits: +1 inside each model-frame box, −1 outside; IoU 0.9."""
+
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings,
+                dense_prompt_embeddings, multimask_output):
+        boxes = sparse_prompt_embeddings + 0.5
+        grid = torch.arange(256, dtype=torch.float32) + 0.5
+        inside_x = (grid >= boxes[:, None, 0]) & (grid <= boxes[:, None, 2])
+        inside_y = (grid >= boxes[:, None, 1]) & (grid <= boxes[:, None, 3])
+        logits = (inside_y[:, :, None] & inside_x[:, None, :]).float() * 2 - 1
+        return logits[:, None], torch.full((boxes.shape[0], 1), 0.9)
+
+
+def proxy_rows(seed: int, images: int) -> tuple[list[dict], dict]:
+    """Image rows (512² PNGs) with prompts, as a labels,boxes build cuts a phantom patient."""
+    from pipeline.roi.regions import RegionConfig, label_prompts
+
+    cfg = RegionConfig(routes=("labels", "boxes"))
+    rows, prompts = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench_proxy_") as tmp:
+        folder = make_phantoms(Path(tmp), patients=1, seed=seed, matrix=512)[0]
+        seg = sorted(folder.glob("CT_*_seg.nii.gz"))[0]
+        vol = read_volume(folder / seg.name.removesuffix("_seg.nii.gz"), BENCH_DEID)
+        names = label_names_from_json(seg.with_name(seg.name.replace(".nii.gz", ".json")))
+        vol.labels, vol.label_names = read_nifti_labels(seg, vol, names)
+        cut = cut_images(vol, SliceConfig(every_k=0, ct_windows=("soft_tissue",)))
+    for k, im in enumerate(cut):
+        row = {"image_id": f"proxy{k}", "pixel_to_ras": np.asarray(im.pixel_to_ras).ravel(),
+               "pixel_spacing_mm": list(im.pixel_spacing_mm), "image": {"bytes": im.png}}
+        found = label_prompts(row, im.labels, vol.label_names, cfg) if im.labels is not None else []
+        if found:
+            rows.append(row)
+            prompts[row["image_id"]] = found
+    reps = -(-images // max(1, len(rows)))  # repeat the slices up to ``images``
+    rows = [{**r, "image_id": f"{r['image_id']}-{i}"} for i in range(reps) for r in rows][:images]
+    return rows, {r["image_id"]: prompts[r["image_id"].rsplit("-", 1)[0]] for r in rows}
+
+
+def stage_proxy(seed: int, images: int, encoder_batch: int) -> dict:
+    """The model actor's CPU outside device work, per image (see the module doc)."""
+    import pickle
+
+    from pipeline.roi.propose import ModelStage, model_inputs
+    from pipeline.roi.regions import RegionConfig
+    from pipeline.roi.segment import PromptSegmenter
+    from pipeline.roi.segment_models import ModelParts
+
+    cfg = RegionConfig(routes=("labels", "boxes"), segmenter="otsu", encoder_batch=encoder_batch)
+    rows, prompts = proxy_rows(seed, images)
+    inputs = model_inputs(rows, prompts, cfg)
+    stage = ModelStage(cfg)
+    parts = ModelParts("lite-medsam-proxy", _InstantEncoder(), _BoxPrompts(), _BoxMasks(), 256,
+                       "minmax", None)
+    stage.segmenter = PromptSegmenter(parts, batch_size=encoder_batch)
+    stage(inputs[:encoder_batch])  # warm-up
+    stage.segmenter.device_s = 0.0
+    blob = pickle.dumps(inputs, protocol=5)
+    t = time.process_time()
+    received = pickle.loads(blob)
+    out = stage(received)
+    sent = pickle.dumps(out, protocol=5)
+    total = time.process_time() - t
+    device = stage.segmenter.device_s
+    n = len(inputs)
+    return {
+        "bench": "segment-stage-proxy", "images": n, "image_size": list(inputs[0].pixels.shape),
+        "boxes_per_image": round(sum(len(x.prompts) for x in inputs) / n, 2),
+        "encoder_batch": encoder_batch,
+        "encoder_images_per_call": round(out.encoded_images / max(1, out.encoder_calls), 2),
+        "actor_cpu_ms_per_image": round(1000 * (total - device) / n, 3),
+        "device_work_cpu_ms_per_image": round(1000 * device / n, 3),
+        "transfer_bytes_per_image": round((len(blob) + len(sent)) / n),
+        "threads": torch.get_num_threads(), "machine": cpu_name(),
+    }
+
+
 def run(patients, seed, slice_step, mni_step, min_px, timing_only=False) -> dict:
     t0 = time.perf_counter()
     lite, otsu = build_segmenter("lite-medsam"), build_segmenter("otsu")
@@ -286,7 +390,16 @@ def main(argv=None) -> int:
     ap.add_argument("--min-px", type=int, default=20, help="smallest component prompted")
     ap.add_argument("--timing-only", action="store_true", help="skip the Dice part")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    ap.add_argument("--stage-proxy", action="store_true",
+                    help="measure the model actor's own CPU per image instead (JSON)")
+    ap.add_argument("--images", type=int, default=64, help="--stage-proxy: images")
+    ap.add_argument("--encoder-batch", type=int, default=16, help="--stage-proxy: batch")
     args = ap.parse_args(argv)
+    if args.stage_proxy:
+        if args.images < 1 or not 1 <= args.encoder_batch <= 256:
+            raise SystemExit("--images must be >= 1 and --encoder-batch in [1, 256]")
+        print(json.dumps(stage_proxy(args.seed, args.images, args.encoder_batch), indent=2))
+        return 0
     record = run(
         args.patients, args.seed, args.slice_step, args.mni_step, args.min_px, args.timing_only
     )

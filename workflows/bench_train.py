@@ -1,4 +1,5 @@
 """python -m workflows.bench_train --corpus DIR [--preset tiny] [--steps 6] [--rounds 3] [--out FILE.md]
+python -m workflows.bench_train --corpus DIR --preset base --loader-only --workers 0,1 --rounds 3
 
 Training samples/s of this project's model against open_clip's ``open_clip.CLIP`` built with the
 same tower sizes (ViT width/depth/heads/patch/input, text width/layers/heads, embedding size) on
@@ -31,19 +32,41 @@ import torch  # noqa: E402
 def _batches(corpus_dir: Path, cfg, n: int, tmp: Path):
     from model.collate import Collate
     from model.data import CorpusIndex, RegionCorpus
-    from model.text_tower import load_tokenizer, train_tokenizer
-    from model.train import caption_texts
-
     corpus = CorpusIndex.open(corpus_dir)
     ds = RegionCorpus(corpus, "train", cfg.data, cfg.image.image_size,
                       points=cfg.prompt.points_per_region, train=True)
-    tok = load_tokenizer(train_tokenizer(caption_texts(
-        RegionCorpus(corpus, "train", cfg.data, cfg.image.image_size, train=False)),
-        tmp, cfg.text.vocab_size).parent)
+    tok = _tokenizer(corpus, cfg, tmp)
     col = Collate(tok, cfg.text.max_len, cfg.data.negatives_per_region,
                   cfg.prompt.points_per_region)
     it = iter(ds)
     return tok, [col([next(it) for _ in range(cfg.data.batch)]) for _ in range(n)]
+
+
+def _tokenizer(corpus, cfg, tmp: Path):
+    from model.tokenizer import build_in_memory
+
+    return build_in_memory(corpus, cfg.text.vocab_size, tmp)
+
+
+def loader_only(args) -> dict:
+    """``--loader-only``: DataLoader samples/s (no model) per worker count, ``--rounds`` times,
+    and in-process samples per CPU second."""
+    from model.config import load_preset
+    from model.data import CorpusIndex
+
+    cfg = load_preset(args.preset)
+    tok = _tokenizer(CorpusIndex.open(args.corpus), cfg, args.tmp)
+    rates = {f"workers_{w}": [round(loader_rate(args.corpus, cfg, tok, w, args.batches), 1)
+                              for _ in range(args.rounds)] for w in args.workers}
+    per = {k: round(statistics.median(v) / max(1, int(k.split("_")[1])), 1)
+           for k, v in rates.items()}
+    # in-process samples per CPU second: what one worker delivers on a core of its own (steady
+    # on a shared machine, where wall-clock rates follow the other processes' load)
+    cpu = [round(loader_rate(args.corpus, cfg, tok, 0, args.batches, time.process_time), 1)
+           for _ in range(args.rounds)]
+    return {"preset": args.preset, "batch": cfg.data.batch, "samples_per_s": rates,
+            "median_per_worker": per, "samples_per_cpu_s": cpu,
+            "median_samples_per_cpu_s": statistics.median(cpu)}
 
 
 def _open_clip_model(cfg, vocab: int):
@@ -77,7 +100,8 @@ def _timed(fn, batches, steps: int) -> list[float]:
     return times
 
 
-def loader_rate(corpus_dir: Path, cfg, tok, workers: int, batches: int = 12) -> float:
+def loader_rate(corpus_dir: Path, cfg, tok, workers: int, batches: int = 12,
+                clock=time.perf_counter) -> float:
     """Samples/s the training DataLoader delivers (Parquet read, PNG decode, region sampling,
     masks, tokenisation, collation) with ``workers`` worker processes and no model at all."""
     import copy
@@ -90,9 +114,9 @@ def loader_rate(corpus_dir: Path, cfg, tok, workers: int, batches: int = 12) -> 
     it = iter(make_loader(CorpusIndex.open(corpus_dir), cfg, tok, 0, 1, {}, 0))
     for _ in range(2):  # worker start-up and first reads
         next(it)
-    t = time.perf_counter()
+    t = clock()
     n = sum(len(next(it)["images"]) for _ in range(batches))
-    return n / (time.perf_counter() - t)
+    return n / (clock() - t)
 
 
 def run(args) -> dict:
@@ -154,10 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, help="write the markdown table (and .json) here")
     p.add_argument("--tmp", type=Path, default=Path("/tmp/bench_train_tok"))
+    p.add_argument("--loader-only", action="store_true",
+                   help="time the DataLoader alone (no model) per --workers count")
+    p.add_argument("--workers", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1],
+                   help="with --loader-only: comma list of DataLoader worker counts")
+    p.add_argument("--batches", type=int, default=12, help="with --loader-only: timed batches")
     args = p.parse_args(argv)
     if not (args.corpus / "images").is_dir():
         print(f"bench_train: error: --corpus {args.corpus}: no images/ folder", file=sys.stderr)
         return 2
+    if args.loader_only:
+        print(json.dumps(loader_only(args), indent=1))
+        return 0
     r = run(args)
     md = ("| contender | step s (median) | samples/s |\n|---|---|---|\n"
           + "".join(f"| {k} | {r['step_s'][k]:.3f} | {r['samples_per_s'][k]:.1f} |\n"

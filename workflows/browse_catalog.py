@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                    "e.g. \"label = 'liver'\"")
     p.add_argument("--html", type=Path, metavar="OUT", help="write the HTML gallery to folder OUT")
     p.add_argument("--page-size", type=int, default=48, help="gallery cards per page")
+    p.add_argument("--gallery-order", choices=("mixed", "label"), default="mixed",
+                   help="gallery card order: labels round-robin, or grouped by label")
     p.add_argument("--limit", type=int, help="at most N regions (deterministic sample) in the "
                    "printed sample and the gallery (default: 10 printed, all in the gallery)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -49,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="Hamming distance (bits) for --near-duplicates")
     p.add_argument("--verify-captions", action="store_true",
                    help="re-derive caption facts from masks, geometry and pixels; exit 1 on "
-                   "any disagreement")
+                   "any disagreement, or when a text-only classifier tells captions from "
+                   "their negatives (see --blind-threshold)")
+    p.add_argument("--blind-threshold", type=float, default=0.60,
+                   help="with --verify-captions: exit 1 when the text-only classifier's "
+                   "balanced accuracy (captions vs negatives, grouped by image) exceeds this")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document instead of tables: the summary, the sample and "
                    "each requested check's result")
@@ -76,12 +82,14 @@ class BrowseConfig:
     where: str | None = None  # SQL condition on regions + image columns; None: all regions
     html: Path | None = None  # write the HTML gallery to this folder
     page_size: int = 48  # gallery cards per page, >= 1
+    gallery_order: str = "mixed"  # "mixed" (labels round-robin) or "label" (grouped)
     limit: int | None = None  # at most this many sampled regions; None: 10 printed, all in HTML
     seed: int = 0  # sampling seed
     check_leakage: bool = False  # patients or identical images in more than one split → exit 1
     near_duplicates: bool = False  # list near-duplicate image pairs (perceptual hash)
     max_distance: int = 4  # Hamming distance (bits, 0..64) for near_duplicates
     verify_captions: bool = False  # re-derive caption facts; disagreement → exit 1
+    blind_threshold: float = 0.60  # blind classifier's balanced accuracy above this → exit 1
     as_json: bool = False  # print the summary as JSON instead of tables
 
     def validate(self) -> None:
@@ -91,6 +99,8 @@ class BrowseConfig:
             raise ValueError(f"--page-size {self.page_size}: must be >= 1")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit {self.limit}: must be >= 0")
+        if not 0.5 <= self.blind_threshold <= 1.0:
+            raise ValueError(f"--blind-threshold {self.blind_threshold}: must be in [0.5, 1]")
         if not 0 <= self.max_distance <= 64:
             raise ValueError(f"--max-distance {self.max_distance}: must be between 0 and 64")
         if self.html is not None and self.html.exists() and not self.html.is_dir():
@@ -105,10 +115,11 @@ class BrowseConfig:
 def config_from_args(args: argparse.Namespace) -> BrowseConfig:
     """Map parsed flags to the typed config (the only place that sees the namespace)."""
     return BrowseConfig(dir=args.dir, where=args.where, html=args.html,
-                        page_size=args.page_size, limit=args.limit, seed=args.seed,
+                        page_size=args.page_size, gallery_order=args.gallery_order,
+                        limit=args.limit, seed=args.seed,
                         check_leakage=args.check_leakage, near_duplicates=args.near_duplicates,
                         max_distance=args.max_distance, verify_captions=args.verify_captions,
-                        as_json=args.json)
+                        as_json=args.json, blind_threshold=args.blind_threshold)
 
 
 def open_corpus(cfg: BrowseConfig) -> Corpus:
@@ -214,9 +225,12 @@ def _run_checks(corpus: Corpus, cfg: BrowseConfig) -> tuple[int, dict]:
     if cfg.near_duplicates:
         out["near_duplicates"] = near_duplicates(corpus, max_distance=cfg.max_distance)
     if cfg.verify_captions:
-        out["caption_check"] = verify_captions(corpus)
+        out["caption_check"] = verify_captions(corpus, blind_threshold=cfg.blind_threshold)
         if not out["caption_check"]["ok"]:
-            print("browse-catalog: captions disagree with the re-derived facts", file=sys.stderr)
+            print("browse-catalog: captions disagree with the re-derived facts"
+                  if out["caption_check"]["problems"] else "browse-catalog: a text-only "
+                  "classifier tells captions from their negatives (blind balanced accuracy "
+                  "above --blind-threshold)", file=sys.stderr)
             status = 1
     return status, out
 
@@ -265,7 +279,7 @@ def _write_gallery(corpus: Corpus, cfg: BrowseConfig) -> Path:
     from catalogs.gallery import write_gallery
 
     return write_gallery(corpus, cfg.html, where=cfg.where, page_size=cfg.page_size,
-                         limit=cfg.limit, seed=cfg.seed)
+                         limit=cfg.limit, seed=cfg.seed, order=cfg.gallery_order)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Walks the SOURCE folders (DICOM series, NIfTI volumes with label maps, RTSTRUCT, DICOM SEG),
 de-identifies, assembles canonical volumes, cuts 2D images, proposes regions (--roi labels,
 boxes, detector; masks from the SAM-family --segmenter) and commits Parquet shards:
-DIR/files/, DIR/series/, DIR/images/, DIR/regions/ and DIR/manifest.json. Rerunning the same
+DIR/files/, DIR/series/, DIR/images/, DIR/regions/, DIR/manifest.json and the run summary
+DIR/build_summary.json. Progress goes to stderr (a live bar on a terminal). Rerunning the same
 command resumes.
 
     build-corpus data/phantoms --out data/corpus
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import BuildConfig, ExecConfig, RequestError, SplitConfig, local_gpus
@@ -23,17 +25,21 @@ from pipeline.images.slicing import SliceConfig
 from pipeline.ingest.read import ReadConfig
 from pipeline.roi.regions import RegionConfig
 from pipeline.run.build import build
+from pipeline.run.progress import VERBOSE_ENV, CommitCounter, count_beside, quiet_ray
+from pipeline.storage import join, location, put_bytes
 from workflows.usage import UsageError, command_parser, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
     p = command_parser("build-corpus", __doc__.split("\n\n")[1],
                        'build-corpus data/phantoms --out data/corpus --roi labels,boxes')
-    p.add_argument("sources", nargs="*", type=Path, metavar="SOURCE", help="folders or files")
+    p.add_argument("sources", nargs="*", type=location, metavar="SOURCE",
+                   help="folders or files (or s3:// / gs:// prefixes)")
     p.add_argument("--collection", nargs=2, action="append", default=[],
                    metavar=("NAME", "PATH"), help="a public collection in a known layout "
                    "(msd, nnunet_v2, totalsegmentator, brats; see pipeline/ingest/layouts/)")
-    p.add_argument("--out", type=Path, required=True, help="corpus directory")
+    p.add_argument("--out", type=location, required=True,
+                   help="corpus directory (or an s3:// / gs:// prefix)")
     p.add_argument("--key-file", type=Path, help="de-identification key file "
                    "(default: $REGIONCORPUS_KEY, else ~/.config/regioncorpus/project.key)")
     p.add_argument("--planes", default="axial", help="comma list of axial,coronal,sagittal")
@@ -69,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="model stage device: auto (the default: cuda when this machine, or with "
                    "--address the cluster, has a GPU; else cpu), cpu, cuda, cuda:N or mps; "
                    "checked before any work")
+    p.add_argument("--encoder-batch", type=int, default=16,
+                   help="images per segmenter encoder call (and YOLO batch), across series; "
+                   "1-256, output unchanged")
     p.add_argument("--caption-seed", type=int, default=0, help="caption phrasing variant seed")
     p.add_argument("--captioner", help="optional hf:LOCAL_PATH causal LM paraphraser (guarded)")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios per patient")
@@ -88,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--units-per-shard", type=int, default=8, help="series per shard")
     p.add_argument("--unit-timeout", type=float, default=600.0, help="seconds per series")
     p.add_argument("--unit-memory-mb", type=int, default=8192, help="memory cap per series")
+    p.add_argument("--verbose", action="store_true",
+                   help="let Ray's own log lines and warnings through (off by default)")
+    p.add_argument("--json", action="store_true",
+                   help="print the run summary as JSON on stdout (it is always written to "
+                   "DIR/build_summary.json) instead of the short human summary")
     return p
 
 
@@ -113,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         routes=tuple(args.roi.split(",")), min_area_mm2=args.min_area_mm2,
         segmenter=args.segmenter, detector=args.detector, det_conf=args.det_conf,
         det_iou=args.det_iou, min_mask_score=args.min_mask_score, device=args.device,
-        box_labels=tuple(w for w in args.box_labels.split(",") if w))
+        encoder_batch=args.encoder_batch, box_labels=tuple(w for w in args.box_labels.split(",") if w))
     cfg = BuildConfig(
         sources=tuple(args.sources), out=args.out, key_file=args.key_file,
         collections=tuple((name, Path(path)) for name, path in args.collection),
@@ -135,13 +149,28 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return cfg.resolved(local_gpus() if cfg.regions.uses_models else 0)
 
 
-def build_and_report(cfg: BuildConfig) -> int:
-    """Build the corpus and print the run summary (JSON) and where it went. A request the
-    cluster cannot meet (found once it is joined, before any work) is a usage error."""
-    try:
-        manifest = build(cfg)
-    except RequestError as e:
-        raise UsageError(str(e)) from None
+@dataclass(frozen=True)
+class BuildCommand:
+    """A validated build-corpus run: the build and how it reports."""
+
+    config: BuildConfig  # what to build, where
+    verbose: bool = False  # let Ray's own log lines and warnings through
+    json: bool = False  # the summary as JSON on stdout instead of the human lines
+
+    def validate(self) -> None:
+        self.config.validate()
+
+
+def command_from_args(args: argparse.Namespace) -> BuildCommand:
+    return BuildCommand(config_from_args(args), verbose=args.verbose, json=args.json)
+
+
+SUMMARY_FILE = "build_summary.json"
+
+
+def run_summary(manifest: dict) -> dict:
+    """The run's summary (``DIR/build_summary.json``): counts, what was missing or redone,
+    wall and worker time, throughput."""
     summary = {k: manifest.get(k) for k in ("found", "ingested", "quarantined", "skipped",
                                             "quarantined_by_reason", "rows", "complete",
                                             "missing_units", "changed_units",
@@ -150,13 +179,56 @@ def build_and_report(cfg: BuildConfig) -> int:
     busy = sum(manifest["timings_s"].values()) or 1e-9
     summary["throughput_per_s"] = {t: round(n / busy, 1) for t, n in manifest["rows"].items()
                                    if t in ("images", "regions")}
-    print(json.dumps(summary, indent=1))
-    print(f"corpus written to {cfg.out} (manifest: {cfg.out / 'manifest.json'})")
+    summary["shards"] = len(manifest.get("shards", {}))
+    return summary
+
+
+def human_summary(summary: dict, out: Path) -> str:
+    """A few lines for a person: what was made, what was left out and why, where it is."""
+    rows, wall = summary["rows"], sum(summary["timings_s"].values())
+    lines = [f"build-corpus: {summary['found']} files found: {summary['ingested']} ingested, "
+             f"{summary['quarantined']} quarantined, {summary['skipped']} skipped",
+             f"  {rows.get('series', 0)} series -> {rows.get('images', 0)} images, "
+             f"{rows.get('regions', 0)} regions in {summary['shards']} shards "
+             f"({wall:.0f} s; {summary['throughput_per_s'].get('images', 0)} images/s)"]
+    if summary["quarantined_by_reason"]:
+        lines.append("  quarantined by reason: " + ", ".join(
+            f"{k} {v}" for k, v in summary["quarantined_by_reason"].items()))
+    for key, what in (("missing_units", "committed series not found"),
+                      ("out_of_memory_units", "series killed for lack of memory")):
+        if (summary.get(key) or {}).get("count"):
+            lines.append(f"  {summary[key]['count']} {what} (see {SUMMARY_FILE})")
+    if not summary["complete"]:
+        lines.append("  INCOMPLETE: rerun the same command to resume")
+    lines.append(f"  corpus: {out}  (manifest.json, {SUMMARY_FILE})")
+    return "\n".join(lines)
+
+
+def build_and_report(cmd: BuildCommand) -> int:
+    """Build the corpus, write DIR/build_summary.json and print a short summary (or, with
+    --json, the summary itself). A request the cluster cannot meet (found once it is joined,
+    before any work) is a usage error."""
+    cfg = cmd.config
+    if cmd.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    elif cfg.execution.executor == "ray":
+        quiet_ray()  # the driver's Ray log lines and warnings; before ray.init
+    count_beside(("series", "shards"), CommitCounter(cfg.out))
+    try:
+        manifest = build(cfg)
+    except RequestError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        count_beside(("series", "shards"), None)
+    summary = run_summary(manifest)
+    put_bytes(join(cfg.out, SUMMARY_FILE), (json.dumps(summary, indent=1) + "\n").encode())
+    print(json.dumps(summary, indent=1) if cmd.json else human_summary(summary, cfg.out),
+          flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(_parser(), config_from_args, build_and_report, argv)
+    return run_command(_parser(), command_from_args, build_and_report, argv)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Zero-shot classification (region label, region laterality, image labels) and retrieval
 (image↔report, region↔caption) of trained runs on the corpus's TEST split. Writes REPORT.json
-(top-level keys ``region_aware`` and ``global_only``) and REPORT.md (a table) beside it. A split
-without regions (a corpus without test patients) is a usage error: nothing is written.
+(top-level keys ``region_aware`` and ``global_only``), REPORT.md (tables) and REPORT.html (tables
+and plots in REPORT_files/: per-class accuracy with support, confusion matrices, ROC per class,
+retrieval R@K curves, the runs side by side) beside it. A split without regions (a corpus
+without test patients) is a usage error: nothing is written.
 
     evaluate-model --corpus data/corpus --run runs/tiny --baseline runs/tiny_global --out runs/eval.json
 """
@@ -17,7 +19,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflows.usage import UsageError, check_device_here, command_parser, run_command
+from workflows.usage import (
+    UsageError,
+    check_device_here,
+    command_parser,
+    corpus_has_manifest,
+    corpus_location,
+    run_command,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -30,7 +39,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def _parser() -> argparse.ArgumentParser:
     p = command_parser("evaluate-model", __doc__.split("\n\n")[1],
                        'evaluate-model --corpus data/corpus --run runs/tiny --baseline runs/tiny_global --out runs/eval.json')
-    p.add_argument("--corpus", type=Path, required=True, help="corpus folder")
+    p.add_argument("--corpus", type=corpus_location, required=True,
+                   help="corpus folder or s3:// / gs:// prefix")
     p.add_argument("--run", type=Path, required=True, help="run folder (train-model --out)")
     p.add_argument("--baseline", type=Path, help="second run (e.g. the --global-only ablation)")
     p.add_argument("--out", type=Path, required=True, help="report JSON path")
@@ -45,7 +55,7 @@ class EvalConfig:
 
     corpus: Path  # corpus folder (build-corpus --out)
     run: Path  # run folder (train-model --out)
-    out: Path  # report JSON path; the Markdown table goes beside it (.md)
+    out: Path  # report JSON path; REPORT.md, REPORT.html and REPORT_files/ go beside it
     baseline: Path | None = None  # a second run folder (e.g. the --global-only ablation)
     device: str = "cpu"  # torch device: cpu, cuda, cuda:N, mps
     split: str = "test"  # split to evaluate: train, val or test
@@ -55,8 +65,8 @@ class EvalConfig:
         for flag, run in (("--run", self.run), ("--baseline", self.baseline)):
             if run is not None and not (run / "ckpt" / "last.pt").is_file():
                 raise ValueError(f"{flag} {run}: no ckpt/last.pt (not a train-model run)")
-        if not (self.corpus / "images").is_dir():
-            raise ValueError(f"--corpus {self.corpus}: no images/ folder (not a build-corpus "
+        if not corpus_has_manifest(self.corpus):
+            raise ValueError(f"--corpus {self.corpus}: no manifest.json (not a build-corpus "
                              "output)")
         if self.out.is_dir():
             raise ValueError(f"--out {self.out}: is a folder; give the report's .json path")
@@ -72,9 +82,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def evaluate(cfg: EvalConfig) -> int:
-    """Evaluate each run, write REPORT.json and REPORT.md, print the table."""
+    """Evaluate each run, write REPORT.json, REPORT.md and REPORT.html, print the table."""
     from model.data import CorpusIndex
-    from model.evaluate import NothingToEvaluate, evaluate_run, markdown
+    from model.evaluate import NothingToEvaluate, evaluate_run
+    from model.report import markdown, write_html
 
     try:
         corpus = CorpusIndex.open(cfg.corpus)
@@ -98,7 +109,9 @@ def evaluate(cfg: EvalConfig) -> int:
     cfg.out.write_text(json.dumps(report, indent=1))
     md = markdown(report)
     cfg.out.with_suffix(".md").write_text(md)
+    html = write_html(report, cfg.out.with_suffix(".html"))
     print(md)
+    print(f"report: {html}")
     return 0
 
 

@@ -4,8 +4,9 @@ Trains a YOLO lesion detector on the label-map regions of a corpus and evaluates
 held-out test patients. Steps: (1) build-corpus SOURCE... into RUN/corpus (labelled slices
 only; skipped with --corpus), (2) read the images and regions tables, keep regions of --classes,
 (3) export a YOLO dataset to RUN/dataset, (4) train (ultralytics, offline, from a model yaml or
-a local .pt), (5) test split: mAP50 and box recall at IoU 0.5 (overall, per class, lesions
->= 10 mm vs < 10 mm), (6) write RUN/weights/detector.pt and RUN/metrics.json.
+a local .pt; an epochs bar on stderr; ultralytics' plots in RUN/train/: PR curve, confusion
+matrix, loss curves), (5) test split: mAP50 and box recall at IoU 0.5 (overall, per class,
+lesions >= 10 mm vs < 10 mm), (6) write RUN/weights/detector.pt and RUN/metrics.json.
 
     train-detector data/phantoms --out runs/det --epochs 30 --imgsz 256
 """
@@ -30,6 +31,7 @@ from pipeline.roi.detect import (
     ultralytics_offline,
 )
 from pipeline.roi.detector_data import export_dataset
+from pipeline.run.progress import Bar
 from pipeline.write import read_table
 from workflows.usage import UsageError, command_parser, run_command
 
@@ -174,11 +176,14 @@ def run(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)  # step 4
     model = ultralytics.YOLO(cfg.model, task="detect")
     add_thread_callbacks(model)
+    epochs = EpochBar()
+    model.add_callback("on_train_start", epochs.start)
     model.add_callback("on_train_epoch_end", _mark_epoch)
-    model.add_callback("on_fit_epoch_end", _log_epoch)
+    model.add_callback("on_fit_epoch_end", epochs.update)
+    model.add_callback("on_train_end", epochs.close)
     t0 = time.perf_counter()
     model.train(data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch,
-                device=device, workers=2, plots=False, amp=device != "cpu", seed=cfg.seed,
+                device=device, workers=2, plots=True, amp=device != "cpu", seed=cfg.seed,
                 deterministic=True, patience=cfg.patience, project=str(out), name="train",
                 exist_ok=True, verbose=False, val=True,
                 time=cfg.time_limit_min / 60 if cfg.time_limit_min else None)
@@ -199,7 +204,8 @@ def run(cfg: TrainConfig) -> dict:
         "epochs_run": int(trainer.epoch) + 1, "imgsz": cfg.imgsz, "batch": cfg.batch,
         "model": cfg.model, "seed": cfg.seed, "train_time_s": round(train_s, 1),
         "eval_time_s": round(time.perf_counter() - t1, 1), "corpus": str(corpus),
-        "weights": str(weights), "machine": _machine(device, ultralytics.__version__),
+        "weights": str(weights), "plots": _plots(out / "train"),
+        "machine": _machine(device, ultralytics.__version__),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
@@ -210,14 +216,48 @@ def _mark_epoch(trainer) -> None:
     trainer._epoch_to_log = True
 
 
-def _log_epoch(trainer) -> None:
-    if not getattr(trainer, "_epoch_to_log", False):
-        return  # final_eval fires on_fit_epoch_end once more, with no training epoch
-    trainer._epoch_to_log = False
-    m = trainer.metrics or {}
-    print(f"[train-detector] epoch {trainer.epoch + 1}/{trainer.epochs} "
-          f"val mAP50 {m.get('metrics/mAP50(B)', float('nan')):.3f} "
-          f"({time.time() - trainer.train_time_start:.0f} s)", file=sys.stderr, flush=True)
+class EpochBar:
+    """The epochs bar on stderr (:mod:`pipeline.run.progress`), with the validation mAP50
+    after each epoch: ultralytics' ``on_train_start``, ``on_fit_epoch_end`` and
+    ``on_train_end`` callbacks."""
+
+    def __init__(self):
+        self.bar: Bar | None = None
+
+    def start(self, trainer) -> None:
+        self.bar = Bar("detector", int(trainer.epochs), "epoch",
+                       initial=int(getattr(trainer, "start_epoch", 0)))
+
+    def update(self, trainer) -> None:
+        if not getattr(trainer, "_epoch_to_log", False) or self.bar is None:
+            return  # final_eval fires on_fit_epoch_end once more, with no training epoch
+        trainer._epoch_to_log = False
+        m = trainer.metrics or {}
+        self.bar.update(int(trainer.epoch) + 1, total=int(trainer.epochs),
+                        val_mAP50=float(m.get("metrics/mAP50(B)", float("nan"))))
+
+    def close(self, trainer=None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ultralytics' plots of the final validation (val split), by what they show; file names
+# changed between versions (PR_curve.png → BoxPR_curve.png)
+PLOTS = {"pr_curve": ("BoxPR_curve.png", "PR_curve.png"),
+         "confusion_matrix": ("confusion_matrix.png",),
+         "confusion_matrix_normalized": ("confusion_matrix_normalized.png",),
+         "results": ("results.png",)}
+
+
+def _plots(folder: Path) -> dict[str, str]:
+    """The plots ultralytics drew in ``folder`` (matplotlib, offline), by :data:`PLOTS` name."""
+    found = {}
+    for name, files in PLOTS.items():
+        path = next((folder / f for f in files if (folder / f).is_file()), None)
+        if path is not None:
+            found[name] = str(path)
+    return found
 
 
 def _machine(device: str, ul_version: str) -> dict:
@@ -231,14 +271,28 @@ def _machine(device: str, ul_version: str) -> dict:
     return info
 
 
-def train_and_report(cfg: TrainConfig) -> int:
-    """Run all steps and print the summary (mAP50, box recall, time) and where it went."""
-    metrics = run(cfg)
+def _num(v, fmt: str = ".3f") -> str:
+    return format(v, fmt) if isinstance(v, int | float) else "n/a"
+
+
+def headline(metrics: dict) -> str:
+    """One line: epochs, test mAP50, box recall and the recall of lesions >= 10 mm."""
     rec = metrics.get("box_recall", {})
-    summary = {"map50": metrics.get("map50"), "recall": rec.get("recall"),
-               "by_size": rec.get("by_size"), "train_time_s": metrics["train_time_s"]}
-    print(json.dumps(summary, indent=1))
-    print(f"detector written to {metrics['weights']} (metrics: {cfg.out / 'metrics.json'})")
+    big = rec.get("by_size", {}).get(f"ge_{SIZE_SPLIT_MM:g}mm", {})
+    return (f"{metrics.get('epochs_run', '?')} epochs; test patients: mAP50 "
+            f"{_num(metrics.get('map50'))}, box recall {_num(rec.get('recall'), '.2f')} "
+            f"({rec.get('tp', 0)}/{rec.get('n_true', 0)}), lesions >= {SIZE_SPLIT_MM:g} mm "
+            f"{_num(big.get('recall'), '.2f')} of {big.get('n_true', 0)}")
+
+
+def train_and_report(cfg: TrainConfig) -> int:
+    """Run all steps and print a short summary (test mAP50, box recall, time) and where the
+    weights, RUN/metrics.json (every number) and the plots went."""
+    metrics = run(cfg)
+    print(f"train-detector: {headline(metrics)} ({metrics['train_time_s']:.0f} s of training)")
+    print(f"  weights: {metrics['weights']}")
+    print(f"  metrics: {cfg.out / 'metrics.json'}; plots: {cfg.out / 'train'} (PR curve, "
+          "confusion matrix)")
     return 0
 
 

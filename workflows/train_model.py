@@ -27,6 +27,8 @@ from workflows.usage import (
     check_device_here,
     check_torch_device,
     command_parser,
+    corpus_has_manifest,
+    corpus_location,
     run_command,
 )
 
@@ -43,7 +45,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def _parser() -> argparse.ArgumentParser:
     p = command_parser("train-model", __doc__.split("\n\n")[1],
                        'train-model --corpus data/corpus --out runs/tiny --preset tiny --device cpu')
-    p.add_argument("--corpus", type=Path, required=True, help="corpus folder (build-corpus --out)")
+    p.add_argument("--corpus", type=corpus_location, required=True,
+                   help="corpus folder or s3:// / gs:// prefix (build-corpus --out)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
     p.add_argument("--preset", default="tiny",
                    help="tiny | base (model/presets/NAME.json) or a preset JSON file path")
@@ -56,14 +59,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="DataLoader workers per rank")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in RUN (from RUN/ckpt/last.pt when it has one)")
+    p.add_argument("--json", action="store_true",
+                   help="print the final summary (RUN/summary.json) as JSON on stdout")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run in RUN (checkpoint, log, tokenizer) and start over; "
                    "without --resume or --overwrite a RUN that holds a run is refused")
     p.add_argument("--text-weights", type=Path, help="local pretrained BERT folder (+ tokenizer)")
-    p.add_argument("--image-weights", type=Path, help="local ViT state-dict file")
+    p.add_argument("--image-weights", type=Path, help="local ViT state dict: open_clip, timm or "
+                   "this project's keys (.pt, .bin, .safetensors); see docs/model.md")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, help="steps between log rows")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--ckpt-minutes", type=float,
+                   help="also checkpoint at the first log row after this many minutes")
+    p.add_argument("--keep-checkpoints", type=int,
+                   help="checkpoints kept (RUN/ckpt/last.pt and the N - 1 before it; preset: 1)")
+    p.add_argument("--val-every", type=int,
+                   help="steps between validation passes on the val split (0: none; preset: 0)")
+    p.add_argument("--val-batches", type=int, help="batches per validation pass and rank")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds any collective may wait (torch.distributed timeout)")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # simulate a kill (tests)
     p.add_argument("--address", help="run on Ray Train: a cluster address (auto, ray://head:10001) "
                    "or local (a fresh embedded Ray on this machine)")
@@ -82,6 +97,7 @@ class TrainCommand:
 
     options: TrainOptions  # corpus, run folder, preset and its overrides
     ray: RayOptions | None = None  # Ray Train launch (--address); None: here or under torchrun
+    json: bool = False  # also print the summary document (RUN/summary.json) on stdout
 
 
 def _check_weights(args: argparse.Namespace) -> None:
@@ -100,7 +116,7 @@ def _check_weights(args: argparse.Namespace) -> None:
 
 def _check_paths_and_device(args: argparse.Namespace) -> None:
     """The checks that need no model code (so a mistyped flag is reported at once)."""
-    if not (args.corpus / "manifest.json").is_file():
+    if not corpus_has_manifest(args.corpus):
         raise ValueError(f"--corpus {args.corpus}: no manifest.json (not a build-corpus output)")
     _check_weights(args)
     check_torch_device(args.device)
@@ -128,19 +144,31 @@ def config_from_args(args: argparse.Namespace) -> TrainCommand:
         steps=args.steps, device=args.device, batch=args.batch, accum=args.accum,
         resume=args.resume, overwrite=args.overwrite, text_weights=args.text_weights, image_weights=args.image_weights,
         seed=args.seed, workers=args.workers, log_every=args.log_every,
-        ckpt_every=args.ckpt_every, stop_after=args.stop_after)
-    run_config(opts)  # raises ValueError naming --preset, --steps, --batch, ...
+        ckpt_every=args.ckpt_every, stop_after=args.stop_after, ckpt_minutes=args.ckpt_minutes,
+        keep_checkpoints=args.keep_checkpoints, val_every=args.val_every,
+        val_batches=args.val_batches, dist_timeout_s=args.dist_timeout)
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout {args.dist_timeout}: must be positive")
+    cfg = run_config(opts)  # raises ValueError naming --preset, --steps, --batch, ...
+    from model.pretrained import check_weights
+
+    check_weights(cfg.image)  # --image-weights: unreadable, no ViT keys, another architecture
+    from model.data import CorpusIndex
+    from model.train import NO_TRAIN_IMAGES
+
+    if CorpusIndex.open(args.corpus).split_images("train") == 0:
+        raise ValueError(NO_TRAIN_IMAGES.format(corpus=args.corpus))
     if not args.address:
-        return TrainCommand(opts)
+        return TrainCommand(opts, json=args.json)
     from model.ray_train import RayOptions
 
     return TrainCommand(opts, RayOptions(address=args.address, workers=args.ray_workers,
                                          cpus_per_worker=args.cpus_per_worker,
-                                         max_failures=args.max_failures))
+                                         max_failures=args.max_failures), json=args.json)
 
 
 def train_and_report(cmd: TrainCommand) -> int:
-    """Train here (or under torchrun) or on Ray Train; print the final metrics as JSON. An
+    """Train here (or under torchrun) or on Ray Train; with --json print the summary. An
     --overwrite deletes the earlier run only now, after the whole request was validated."""
     if cmd.ray is not None:
         from model.ray_train import ClusterRequestError, train_on_ray
@@ -149,11 +177,15 @@ def train_and_report(cmd: TrainCommand) -> int:
             summary = train_on_ray(cmd.options, cmd.ray)
         except ClusterRequestError as e:
             raise UsageError(str(e)) from None
-        print(json.dumps(summary, indent=1))
-        return 0
-    from model.train import train
+    else:
+        from model.train import train
 
-    print(json.dumps(train(cmd.options), indent=1))
+        summary = train(cmd.options)
+    if cmd.json:  # RUN/summary.json either way (stderr has the short one); stdout on request
+        from model.trainlog import SUMMARY_FILE
+
+        written = Path(cmd.options.out) / SUMMARY_FILE
+        print(written.read_text() if written.is_file() else json.dumps(summary, indent=1))
     return 0
 
 

@@ -122,3 +122,20 @@ def run_command(parser: argparse.ArgumentParser,
         return work(cfg)
     except UsageError as e:
         return usage_error(parser.prog, e)
+
+
+def corpus_location(text: str):
+    """argparse type of ``--corpus``: a folder (Path) or an ``s3://`` / ``gs://`` prefix (str)."""
+    from pipeline import storage
+
+    try:
+        return storage.location(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def corpus_has_manifest(corpus) -> bool:
+    """Whether ``corpus`` (folder or object-store prefix) holds a build-corpus manifest."""
+    from pipeline import storage
+
+    return storage.is_file(storage.join(corpus, "manifest.json"))

@@ -4,7 +4,12 @@ final: in the unit worker when no model stage follows, else right after the mode
 (``RegionConfig.uses_models`` decides, in one place).
 
 attributes.py   facts measured from pixels and masks (size, intensity, shape, location)
-describe.py     templates → captions and negatives; vocab_v1.json holds the vocabulary
+describe.py     templates → captions and negatives; vocab_v<N>.json holds the vocabulary
+structures.py   the structure vocabulary (structures_v1.json): label names → canonical labels,
+                display phrases, sides, categories; the label-name gate
+negatives.py    the v2 negative sampler: values drawn from per-structure priors (priors_v2.json)
+priors.py       measures those priors on built corpora
 rewrite.py      optional guarded paraphrases from a local causal LM (``--captioner``)
 check.py        the independent checker: re-derives every fact from the stored PNG and RLE
+blind.py        the blind-model check: a text-only classifier on captions vs negatives
 """

@@ -5,7 +5,9 @@ regions-table rows of that image (masks as COCO RLE). The caption writer (descri
 caption checker (catalogs) both call :func:`derive_attributes`, so a caption can be re-derived
 from the stored data alone. Rules and thresholds live in ``pipeline/captions/vocab_v1.json``.
 
-* label: display name from the vocabulary; lesion when the label matches a lesion pattern.
+* label: v1: display name from the vocabulary; lesion when the label matches a lesion pattern.
+  v2 (a vocabulary naming ``"structures"``): the canonical label of the structure vocabulary
+  (pipeline/captions/structures_v1.json), whose category says lesion; unknown labels as v1.
 * laterality: the region centroid against the body midline on this slice (pipeline.roi.regions).
 * location (lesions): the organ region whose mask holds the lesion centroid ("in"), else the
   nearest organ within ``next_to_mm`` ("next to"); sides are dropped from organ names.
@@ -28,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import perimeter
 
+from pipeline.captions.structures import Structure, canonical_label, load_structures
 from pipeline.geometry import (
     body_mask,
     body_midline_x,
@@ -46,17 +49,49 @@ from pipeline.geometry import (
 VOCAB_DIR = Path(__file__).parent
 
 
+#: The caption vocabulary new builds use (stored per row in ``caption_version``).
+CAPTION_VERSION = "v2"
+
+
 @lru_cache(maxsize=4)
-def load_vocab(version: str = "v1") -> dict:
+def load_vocab(version: str = CAPTION_VERSION) -> dict:
     """The caption vocabulary and thresholds of ``version`` (pipeline/captions/vocab_<v>.json)."""
     return json.loads((VOCAB_DIR / f"vocab_{version}.json").read_text())
 
 
+def structure_of(label: str, vocab: dict) -> Structure | None:
+    """The structure-vocabulary entry of a region label, when ``vocab`` uses one (v2+) and
+    knows the label; else None."""
+    if not vocab.get("structures") or not isinstance(label, str):
+        return None
+    structures = load_structures(vocab["structures"])
+    entry = structures.entries.get(label)
+    if entry is None:
+        canonical = canonical_label(label, structures)
+        entry = structures.entries.get(canonical) if canonical else None
+    return entry
+
+
 def display(label: str, vocab: dict) -> str:
+    """The ``label`` attribute: v2 the canonical label of a known structure; else (and v1)
+    the vocabulary's display name or the label's words."""
+    entry = structure_of(label, vocab)
+    if entry is not None:
+        return entry.label
     return vocab["label_display"].get(label, label.replace("_", " "))
 
 
+def organ_name(label: str, vocab: dict) -> str:
+    """The name of an organ in a lesion's location: v2 the structure without its side
+    ("lung" for lung_left); v1 the display name."""
+    entry = structure_of(label, vocab)
+    return entry.structure if entry is not None else display(label, vocab)
+
+
 def is_lesion(label: str, vocab: dict) -> bool:
+    entry = structure_of(label, vocab)
+    if entry is not None:
+        return entry.category == "lesion"
     return any(p in label.lower() for p in vocab["lesion_patterns"])
 
 
@@ -165,7 +200,7 @@ def _location(mask, organs, spacing, vocab, ext=None) -> tuple[str | None, str |
 
 def _organs(masks, regions, vocab) -> list[tuple[str, np.ndarray]]:
     # holes filled: a lesion carved out of its organ's label still lies "in" the organ
-    out = [(display(r["label"], vocab), _filled(m))
+    out = [(organ_name(r["label"], vocab), _filled(m))
            for r, m in zip(regions, masks, strict=True)
            if r["source"] == "labels" and not is_lesion(r["label"], vocab) and m.any()]
     return sorted(out, key=lambda t: t[0])

@@ -13,18 +13,36 @@ with :func:`pipeline.captions.attributes.derive_attributes`, then:
   attributes with exactly the attribute named in ``negative_kinds`` set to another value — so it
   contradicts the region in that attribute and agrees in every other — and its facts must not
   be those of another region on the same image;
-* image summary and report: must be the rendering of the re-derived facts.
+* image summary and report: must be the rendering of the re-derived facts;
+* blind model (:mod:`pipeline.captions.blind`): a text-only classifier trained on the region
+  captions against their negatives, grouped by image, must not beat ``blind_threshold``
+  balanced accuracy (judged from ``blind_min_captions`` captions on).
+
+v2 negatives (pipeline.captions.negatives) are checked by the same rule: the negative's value is
+read back from its text (a structure named in it, a number in it, a class word), and the
+negative must contradict the region (:func:`pipeline.captions.negatives.contradicts`) and must
+not be the same template's caption of another region on the image.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from pipeline.captions.attributes import derive_attributes, load_vocab
-from pipeline.captions.describe import fact_key, render_region, summary_and_report, with_changed
+from pipeline.captions.blind import BLIND_THRESHOLD, blind_accuracy
+from pipeline.captions.describe import (
+    fact_key,
+    label_words,
+    render_region,
+    summary_and_report,
+    with_changed,
+)
+from pipeline.captions.negatives import contradicts
 from pipeline.captions.rewrite import states_facts
+from pipeline.captions.structures import load_structures
 from pipeline.images.png import decode_png
 from pipeline.write import committed_tables, read_manifest
 
@@ -43,6 +61,39 @@ def _all_values(kind: str, vocab: dict) -> list:
         "intensity_class": ["hyper", "iso", "hypo"],
         "location": displays,
     }[kind]
+
+
+#: The minimum number of region captions from which the blind check is judged.
+BLIND_MIN_CAPTIONS = 100
+
+
+def _values_v2(kind: str, text: str, a: dict, others: list[dict], vocab: dict) -> list:
+    """v2: the values of ``kind`` a negative ``text`` may state, read back from the text."""
+    low = text.lower()
+    if kind == "label":
+        known = load_structures(vocab["structures"]).entries
+        names = {*known, *(o["label"] for o in others), a["label"]}
+        return sorted(n for n in names if label_words(n, vocab)[1].lower() in low)
+    if kind == "size_class":
+        numbers = {int(n) for n in re.findall(r"\b[0-9]+\b", text)}
+        return sorted(numbers | set(vocab["size_examples_mm"].values()))
+    if kind == "location":
+        known = load_structures(vocab["structures"]).entries.values()
+        return sorted({e.structure for e in known if e.structure in low})
+    return {"laterality": ["left", "right", "midline"],
+            "intensity_class": ["hyper", "iso", "hypo"]}[kind]
+
+
+def _check_negative_v2(text, kind, a, template, others, vocab, modality) -> bool:
+    """True when ``text`` is ``a`` with ``kind`` changed to a value that contradicts it, and is
+    not this template's caption of another region on the image."""
+    if text in {render_region(o, template, vocab, modality) for o in others}:
+        return False
+    for value in _values_v2(kind, text, a, others, vocab):
+        b = with_changed(a, kind, value, vocab)
+        if render_region(b, template, vocab, modality) == text:
+            return contradicts(kind, a, b, template, vocab)
+    return False
 
 
 def _templates(a: dict, vocab: dict) -> list[str]:
@@ -64,6 +115,8 @@ def _same_attributes(stored: dict | None, derived: dict | None) -> bool:
 
 def _check_negative(text, kind, a, template, others, vocab, modality) -> bool:
     """True when ``text`` is ``a`` with exactly ``kind`` changed to a false value."""
+    if vocab.get("priors"):
+        return _check_negative_v2(text, kind, a, template, others, vocab, modality)
     other_facts = {fact_key(o) for o in others}
     for value in _all_values(kind, vocab):
         if value == a.get(kind):
@@ -120,15 +173,31 @@ def _check_image(image, regions, vocab, tally, problems, seed: int | None = None
                      "summary": image["caption_summary"]})
 
 
-def verify_captions(corpus: str | Path, max_problems: int = 50,
-                    manifest: dict | None = None) -> dict:
+def _blind(rows: list, threshold: float | None, min_captions: int) -> dict:
+    """The blind-model part of the report: its result, the threshold and ``ok`` (None when
+    not judged: no threshold, or fewer than ``min_captions`` captions with negatives)."""
+    result = blind_accuracy(rows)
+    acc = result["balanced_accuracy"]
+    judged = threshold is not None and acc is not None and result["captions"] >= min_captions
+    return {**result, "threshold": threshold, "min_captions": min_captions,
+            "ok": (acc <= threshold) if judged else None}
+
+
+def verify_captions(corpus: str | Path, max_problems: int = 50, manifest: dict | None = None,
+                    blind_threshold: float | None = BLIND_THRESHOLD,
+                    blind_min_captions: int = BLIND_MIN_CAPTIONS) -> dict:
     """Check every committed shard of ``corpus`` (the files of ``manifest``, by default its
-    manifest.json); returns counts, rates and the first problems."""
+    manifest.json); returns counts, rates, the first problems and ``blind`` (the text-only
+    classifier's balanced accuracy: :mod:`pipeline.captions.blind`). ``ok`` is False on any
+    disagreement, or when the blind classifier's balanced accuracy exceeds
+    ``blind_threshold`` (None: reported, never judged) on at least ``blind_min_captions``
+    captions."""
     corpus = Path(corpus)
     manifest = read_manifest(corpus) if manifest is None else manifest
     tally = dict.fromkeys(("images", "image_captions_agree", "regions", "attributes_agree",
                            "captions_agree", "negatives", "negatives_contradict"), 0)
     problems: list[dict] = []
+    blind_rows: list[tuple] = []
     for files in committed_tables(corpus, manifest).values():
         if "images" not in files:
             continue
@@ -137,14 +206,17 @@ def verify_captions(corpus: str | Path, max_problems: int = 50,
         by_image: dict[str, list] = {}
         for r in regions:
             by_image.setdefault(r["image_id"], []).append(r)
+            blind_rows.append((r["image_id"], r["caption_region"], r["negatives"]))
         for image in images:
             vocab = load_vocab(image["caption_version"] or "v1")
             _check_image(image, by_image.get(image["image_id"], []), vocab, tally, problems,
                          manifest.get("caption_seed"))
     rate = lambda a, b: 1.0 if tally[b] == 0 else tally[a] / tally[b]  # noqa: E731
+    blind = _blind(blind_rows, blind_threshold, blind_min_captions)
     return {**tally,
             "caption_agreement": rate("captions_agree", "regions"),
             "attribute_agreement": rate("attributes_agree", "regions"),
             "negative_contradiction": rate("negatives_contradict", "negatives"),
             "image_caption_agreement": rate("image_captions_agree", "images"),
-            "ok": not problems, "problems": problems[:max_problems]}
+            "blind": blind, "ok": not problems and blind["ok"] is not False,
+            "problems": problems[:max_problems]}

@@ -8,13 +8,27 @@ false for the region (laterality, label → a plausible confuser, size class, in
 location). A negative that would describe another true region of the image is discarded.
 Templates and vocabulary: ``pipeline/captions/vocab_<version>.json``; the version is stored in
 ``caption_version``.
+
+v1 picks the changed value from fixed confuser lists. v2 (the default) names each structure by
+the structure vocabulary's display phrase ("the left adrenal gland"), states a measured side
+only for unpaired lesions, and draws each negative's value from per-structure priors
+(:mod:`pipeline.captions.negatives`), so that negatives read like positives.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 
-from pipeline.captions.attributes import derive_attributes, load_vocab
+from pipeline.captions.attributes import (
+    CAPTION_VERSION,
+    derive_attributes,
+    load_vocab,
+    organ_name,
+    structure_of,
+)
+from pipeline.captions.negatives import body_scale_mm, is_sided, sampled_values, with_changed
+from pipeline.geometry import body_mask, to_uint8
 
 NEGATIVE_KINDS = ("laterality", "label", "size_class", "intensity_class", "location")
 
@@ -27,17 +41,30 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def label_words(label: str, vocab: dict) -> tuple[str, str]:
+    """(phrase with its article, noun phrase) naming ``label``: "the left adrenal gland",
+    "left adrenal gland"; v1 and unknown labels: the display words."""
+    entry = structure_of(label, vocab)
+    noun = entry.phrase.removeprefix("the ") if entry is not None else label
+    return f"the {noun}", noun
+
+
 def render_region(a: dict, template: str, vocab: dict, modality: str) -> str:
     """One caption from attributes ``a`` and a template string."""
     words = vocab["intensity_words"].get(modality, vocab["intensity_words"]["*"])
     side = vocab["laterality_words"].get(a["laterality"] or "", "")
+    if is_sided(a["label"], vocab):  # the phrase names the structure's own side
+        side = ""
+    phrase, noun = label_words(a["label"], vocab)
     loc = f"{a['location_relation']} the {a['location']}" if a.get("location") else ""
     diameter = a.get("diameter_text") or f"{a['max_diameter_mm']:.0f}"
     text = template.format(
         size=a["size_class"], Size=_cap(a["size_class"]), intensity=words[a["intensity_class"]],
         label=a["label"], Label=_cap(a["label"]), location=loc, side=side,
+        phrase=phrase, Phrase=_cap(phrase), noun=noun, Noun=_cap(noun),
         diameter=diameter, shape=vocab["shape_words"][a["shape_class"]])
-    return " ".join(text.replace(" ,", ",").split()).replace(", .", ".").replace(" :", ":")
+    text = " ".join(text.replace(" ,", ",").split()).replace(", .", ".").replace(" :", ":")
+    return re.sub(r",([:.,])", r"\1", text)  # an empty {side} before ":" / "." / ","
 
 
 def _templates(a: dict, vocab: dict) -> list[str]:
@@ -68,22 +95,13 @@ def _alternatives(kind: str, a: dict, vocab: dict, true_labels: set[str]) -> lis
     return []
 
 
-def with_changed(a: dict, kind: str, value, vocab: dict) -> dict:
-    """Attributes ``a`` with attribute ``kind`` set to ``value`` (what a negative states)."""
-    b = dict(a, **{kind: value})
-    if kind == "size_class":
-        b["diameter_text"] = str(vocab["size_examples_mm"][value])
-    if kind == "location":
-        b["location_relation"] = "in"
-    return b
-
-
 def fact_key(a: dict) -> tuple:
     """The facts a caption states, as a tuple: equal keys describe the same finding."""
     return (a["label"], a["laterality"], a["size_class"], a["intensity_class"], a.get("location"))
 
 
-PLACEHOLDERS = {"laterality": ("{side}",), "label": ("{label}", "{Label}"),
+LABEL_PLACEHOLDERS = ("{label}", "{Label}", "{phrase}", "{Phrase}", "{noun}", "{Noun}")
+PLACEHOLDERS = {"laterality": ("{side}",), "label": LABEL_PLACEHOLDERS,
                 "size_class": ("{size}", "{Size}", "{diameter}"), "intensity_class": ("{intensity}",),
                 "location": ("{location}",)}
 
@@ -105,10 +123,46 @@ def _candidates(a: dict, template: str, vocab: dict, true_labels: set, seed: int
                 yield options[rank]
 
 
+def shows(kind: str, a: dict, template: str, vocab: dict) -> bool:
+    """Whether ``template`` states attribute ``kind`` of ``a`` (a paired structure's side is
+    stated by its phrase)."""
+    if kind == "laterality" and is_sided(a["label"], vocab):
+        return any(p in template for p in LABEL_PLACEHOLDERS)
+    return any(p in template for p in PLACEHOLDERS[kind])
+
+
+def _sampled_negatives(a: dict, template: str, others: list[dict], vocab: dict, modality: str,
+                       seed: int, key: str, contrast=None,
+                       scale: float = 0.0) -> tuple[list[str], list[str]]:
+    """v2: the drawn values of every kind the template states (pipeline.captions.negatives);
+    a text that is the positive, or this template's caption of another region, is dropped."""
+    taken = {render_region(o, template, vocab, modality) for o in [a, *others]}
+    present = {o["label"] for o in others}
+    texts, kinds = [], []
+    for kind in NEGATIVE_KINDS:
+        if not shows(kind, a, template, vocab):
+            continue
+        for value in sampled_values(kind, a, template, present, vocab, seed, key, contrast,
+                                    scale):
+            text = render_region(with_changed(a, kind, value, vocab), template, vocab, modality)
+            if text not in taken and text not in texts:
+                texts.append(text)
+                kinds.append(kind)
+    return texts, kinds
+
+
 def negatives_for(a: dict, template: str, others: list[dict], vocab: dict, modality: str,
-                  seed: int, key: str, minimum: int = 3) -> tuple[list[str], list[str]]:
-    """One negative per kind the template can state (in NEGATIVE_KINDS order), then further
-    values until there are ``minimum``; never another region's truth, never the positive."""
+                  seed: int, key: str, minimum: int = 3,
+                  contrast: bool | None = None,
+                  scale: float = 0.0) -> tuple[list[str], list[str]]:
+    """v1: one negative per kind the template can state (in NEGATIVE_KINDS order), then further
+    values until there are ``minimum``; never another region's truth, never the positive.
+    v2 (a vocabulary with ``priors``): :func:`_sampled_negatives` (``contrast``: the image's;
+    ``scale``: its body scale, :func:`pipeline.captions.negatives.body_scale_mm`).
+    """
+    if vocab.get("priors"):
+        return _sampled_negatives(a, template, others, vocab, modality, seed, key, contrast,
+                                  scale)
     true_labels = {o["label"] for o in others} | {a["label"]}
     other_facts = {fact_key(o) for o in others}
     positive = render_region(a, template, vocab, modality)
@@ -135,8 +189,8 @@ def _body(image: dict, attrs: list[dict], vocab: dict) -> str:
         part = image["body_part"].upper()
         return vocab["body_part_words"].get(part.replace(" ", ""), part.lower())
     for a in attrs:
-        if a and a["label"] in vocab["body_regions"]:
-            return vocab["body_regions"][a["label"]]
+        if a and organ_name(a["label"], vocab) in vocab["body_regions"]:
+            return vocab["body_regions"][organ_name(a["label"], vocab)]
     return "body"
 
 
@@ -144,11 +198,11 @@ def summary_and_report(image: dict, attrs: list[dict], captions: list[str], voca
                        seed: int) -> tuple[str, str]:
     """The image's one-sentence summary and its structured report paragraph."""
     lesions = [a for a in attrs if a and a["is_lesion"]]
-    organs = sorted({a["label"] for a in attrs if a and not a["is_lesion"]})
+    organs = sorted({label_words(a["label"], vocab)[1] for a in attrs if a and not a["is_lesion"]})
     if lesions:
-        findings = " and ".join(f"a {a['size_class']} {a['label']}" + (
-            f" on the {a['laterality']}" if a["laterality"] in ("left", "right") else "")
-            for a in lesions)
+        findings = " and ".join(f"a {a['size_class']} {label_words(a['label'], vocab)[1]}" + (
+            f" on the {a['laterality']}" if a["laterality"] in ("left", "right")
+            and not is_sided(a["label"], vocab) else "") for a in lesions)
     elif organs:
         findings = "no focal lesion; visible structures: " + ", ".join(organs)
     else:
@@ -173,11 +227,14 @@ def summary_and_report(image: dict, attrs: list[dict], captions: list[str], voca
 
 
 def describe_image(image: dict, pixels, regions: list[dict], seed: int = 0,
-                   version: str = "v1", body=None, masks: list | None = None) -> None:
+                   version: str = CAPTION_VERSION, body=None, masks: list | None = None) -> None:
     """Fill caption columns of ``image`` and of its ``regions`` (in place). ``pixels``: the
     image's (H, W) uint8/uint16 array (may be None when ``regions`` is empty); ``body``: its
     body mask and ``masks``: the regions' (H, W) bool masks, when already computed."""
     vocab = load_vocab(version)
+    if body is None and regions and vocab.get("priors"):  # v2 size negatives need the body
+        body = body_mask(to_uint8(pixels))
+    scale = body_scale_mm(body, image["pixel_spacing_mm"])
     attrs = derive_attributes(image, pixels, regions, vocab, trust_rows=True, body=body,
                               masks=masks)
     captions = []
@@ -192,7 +249,8 @@ def describe_image(image: dict, pixels, regions: list[dict], seed: int = 0,
         region["caption_region"] = render_region(a, template, vocab, image["modality"])
         others = [o for j, o in enumerate(attrs) if j != k and o]
         region["negatives"], region["negative_kinds"] = negatives_for(
-            a, template, others, vocab, image["modality"], seed, region["region_id"])
+            a, template, others, vocab, image["modality"], seed, region["region_id"],
+            contrast=image.get("contrast"), scale=scale)
         captions.append(region["caption_region"])
     image["caption_summary"], image["caption_report"] = summary_and_report(
         image, attrs, captions, vocab, seed)

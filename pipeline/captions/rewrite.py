@@ -18,12 +18,28 @@ from functools import lru_cache
 from pipeline.captions.attributes import load_vocab
 
 
+def _label_nouns(vocab: dict) -> set[str]:
+    """Every label name captions of ``vocab`` can use (v2: the structure vocabulary's nouns)."""
+    names = set(vocab["label_display"].values()) | {x for v in vocab["confusers"].values() for x in v}
+    if vocab.get("structures"):
+        from pipeline.captions.structures import load_structures
+
+        names |= {e.phrase.removeprefix("the ") for e in load_structures(vocab["structures"]).entries.values()}
+    return names
+
+
 def _words(kind: str, a: dict, vocab: dict, modality: str) -> tuple[list[str], list[str]]:
     """(phrases that must appear, phrases that must not) for one attribute of ``a``."""
+    from pipeline.captions.describe import label_words
+    from pipeline.captions.negatives import structure_of
+
     if kind == "label":
-        labels = set(vocab["label_display"].values()) | {x for v in vocab["confusers"].values() for x in v}
-        return [a["label"]], sorted(x for x in labels if x != a["label"] and x not in a["label"]
-                                    and a["label"] not in x and x != (a.get("location") or ""))
+        own = label_words(a["label"], vocab)[1]
+        return [own], sorted(x for x in _label_nouns(vocab) if x != own and x not in own
+                             and own not in x and x != (a.get("location") or ""))
+    entry = structure_of(a["label"], vocab)
+    if kind == "laterality" and entry is not None and entry.side != "none":
+        return [entry.side], [{"left": "right", "right": "left"}[entry.side]]
     if kind == "laterality":
         sides = {"right", "left"}
         if a["laterality"] in sides:

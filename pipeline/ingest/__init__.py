@@ -1,7 +1,9 @@
 """Stage 1, ingest: source roots → units of work → de-identified canonical volumes.
 
 discover.py     walk the roots (one ``FileEntry`` per file, keyed path hash) and scan DICOM
-                headers without decoding pixels
+                headers without decoding pixels; file_index.py: the kept index of a build's
+                files (size, mtime, keyed header summary) that lets a resume scan only
+                what changed
 units.py        group files into ``UnitTask`` s (a DICOM series or a NIfTI volume, each with
                 its label source); collections.py and layouts/*.json: public layouts
                 (MSD, nnU-Net v2, TotalSegmentator, BraTS)

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from stat import S_ISLNK, S_ISREG
 
+from pipeline import storage
 from pipeline.errors import IngestError
-from pipeline.ingest.deid import Deidentifier
+from pipeline.ingest.deid import MODALITIES, Deidentifier
 from pipeline.ingest.dicom_io import Header, read_header
+from pipeline.ingest.dicom_values import is_uid
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz", ".7z", ".rar", ".gz")
 NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
@@ -53,7 +59,9 @@ class FileEntry:
     status: str | None = None  # final status when known at walk time
     reason: str | None = None
     error: str | None = None
-    header: Header | None = None
+    header: Header | None = None  # UIDs keyed (:func:`key_header`) once discovery has them
+    mtime_ns: int = 0  # modification time (an object store's LastModified): resume's change test
+    group_key: str | None = None  # DICOM: the unit key of its series and geometry (keyed)
 
 
 def _is_archive(name: str) -> bool:
@@ -121,7 +129,7 @@ def _classified(index, path: Path, root: Path, rel: str, key: str) -> FileEntry:
     if kind == "skip":
         return _final(index, path, rel, key, st.st_size, "skipped",
                       IngestError("not_medical", "not a DICOM or NIfTI file"))
-    return FileEntry(index, path, rel, key, st.st_size, kind)
+    return FileEntry(index, path, rel, key, st.st_size, kind, mtime_ns=st.st_mtime_ns)
 
 
 def refused(index: int, path: Path, rel: str, key: str) -> FileEntry:
@@ -159,6 +167,73 @@ def _is_link(path: Path) -> bool:
         return path.is_symlink()
     except FS_ERRORS:
         return False  # os.walk descends and reports the folder through its onerror
+
+
+STAGE_PREFIX = "regioncorpus-stage-"  # STAGE_PREFIX<pid>-<random>: a run's staged sources
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_stages(parent: Path) -> int:
+    """Delete the staging folders of runs that are gone (killed before their cleanup): those
+    whose process id names no live process. Returns how many were removed."""
+    n = 0
+    for d in parent.glob(f"{STAGE_PREFIX}*-*"):
+        pid = d.name[len(STAGE_PREFIX):].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
+
+
+def keep_mtimes(remote, here: Path) -> None:
+    """Give each staged copy under ``here`` its object's modification time (LastModified), so
+    that the file index sees an object changed only when it was written again."""
+    _, prefix = storage.resolve(remote)
+    prefix = prefix.rstrip("/") + "/"
+    for info in storage.list_files(remote, recursive=True):
+        if info.mtime_ns is not None and info.path.startswith(prefix):
+            local = here.joinpath(*info.path[len(prefix):].split("/"))
+            try:
+                os.utime(local, ns=(info.mtime_ns, info.mtime_ns))
+            except FS_ERRORS:
+                continue  # not staged (an object name no local folder can hold)
+
+
+@contextmanager
+def local_roots(roots, stage_dir=None) -> Iterator[list[Path]]:
+    """The source roots as local folders: a remote root (``s3://bucket/prefix``) is copied
+    through :mod:`pipeline.storage` into a staging folder for the run (removed afterwards; each
+    copy keeps its object's modification time, :func:`keep_mtimes`), at
+    ``STAGE/<bucket>/<prefix>`` so that :func:`root_labels`, and with it every file key, is
+    what a local copy of the same prefix gets; a local root is used in place."""
+    if not any(storage.is_remote(r) for r in roots):
+        yield [Path(r) for r in roots]
+        return
+    parent = Path(stage_dir or tempfile.gettempdir())
+    remove_orphaned_stages(parent)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=parent))
+    try:
+        local = []
+        for r in roots:
+            if storage.is_remote(r):
+                here = stage.joinpath(*str(r).partition("://")[2].strip("/").split("/"))
+                storage.copy_tree(r, here)
+                keep_mtimes(r, here)
+                local.append(here)
+            else:
+                local.append(Path(r))
+        yield local
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def walk(roots, deid: Deidentifier) -> list[FileEntry]:
@@ -234,9 +309,51 @@ def _scan_one(e: FileEntry) -> None:
             _settle(e, "quarantined", IngestError("no_pixel_data", "no pixel data"))
 
 
-def scan_headers(batch: list[FileEntry]) -> list[FileEntry]:
-    """Batch stage: read DICOM headers; unreadable files become quarantined/skipped entries."""
+def geometry_signature(h: Header) -> str:
+    """Rows, columns and orientation (3 decimals): one series splits into units by these."""
+    iop = "none" if h.iop is None else ",".join(f"{v:.3f}" for v in h.iop)
+    return f"{h.rows}x{h.cols}|{iop}"
+
+
+def key_header(e: FileEntry, deid: Deidentifier, shared: dict | None = None) -> None:
+    """Replace the raw identifiers of ``e.header`` by keyed values, once, and set
+    ``e.group_key``: the unit key of the file's series and geometry, as grouping has always
+    made it from the raw SeriesInstanceUID (``no-series:<file key>`` when it has none). Series
+    and referenced-series UIDs become HMACs (the same function for both, so label objects pair
+    as before); a SOP class or transfer syntax that is not a UID, and a modality that is not a
+    DICOM defined term (``deid.MODALITIES``: a code-shaped value may still be text someone
+    typed), are replaced by fixed values that classify and decode alike. ``shared``: one object
+    per distinct keyed value (a series' slices repeat them)."""
+    h = e.header
+    if h is None or e.group_key is not None:
+        return
+    shared = {} if shared is None else shared
+    raw = h.series_uid or f"no-series:{e.file_key}"
+    e.group_key = deid.pseudonym("unit", f"{raw}|{geometry_signature(h)}")
+
+    def keyed(uid):
+        if not uid:
+            return uid
+        if uid not in shared:
+            shared[uid] = deid.pseudonym("uid", uid)
+        return shared[uid]
+
+    ts = h.transfer_syntax if not h.transfer_syntax or is_uid(h.transfer_syntax) else "invalid"
+    e.header = replace(h, series_uid=keyed(h.series_uid),
+                       referenced_series=keyed(h.referenced_series),
+                       sop_class=h.sop_class if is_uid(h.sop_class) else "",
+                       transfer_syntax=ts,
+                       modality=h.modality if h.modality in MODALITIES else "OT")
+
+
+def scan_headers(batch: list[FileEntry], deid: Deidentifier | None = None) -> list[FileEntry]:
+    """Batch stage: read DICOM headers; unreadable files become quarantined/skipped entries.
+    With ``deid`` the identifiers are keyed here (:func:`key_header`), so a batch's result
+    carries no raw UID; without it :func:`pipeline.ingest.units.group_units` keys them."""
+    shared: dict = {}
     for e in batch:
-        if e.kind == "dicom" and not e.status:
+        if e.kind == "dicom" and not e.status and e.header is None:
             _scan_one(e)
+            if deid is not None:
+                key_header(e, deid, shared)
     return batch

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.ingest.deid import Deidentifier
-from pipeline.ingest.discover import CHANNEL_RE, FS_ERRORS, FileEntry
+from pipeline.ingest.discover import CHANNEL_RE, FS_ERRORS, FileEntry, key_header
 
 SEG_SUFFIX = re.compile(r"_seg(\.nii(\.gz)?)?$", re.IGNORECASE)
 
@@ -40,23 +40,15 @@ def _stem(path: Path) -> str:
     return name
 
 
-def _geometry_signature(e: FileEntry) -> str:
-    h = e.header
-    iop = "none" if h.iop is None else ",".join(f"{v:.3f}" for v in h.iop)
-    return f"{h.rows}x{h.cols}|{iop}"
-
-
-def _dicom_tasks(entries: list[FileEntry], deid: Deidentifier) -> dict[str, UnitTask]:
-    groups: dict[tuple[str, str], list[FileEntry]] = defaultdict(list)
+def _dicom_tasks(entries: list[FileEntry]) -> dict[str, UnitTask]:
+    """DICOM images grouped by series and geometry: by the unit key discovery gave each file
+    (:func:`pipeline.ingest.discover.key_header`), fresh from a scan or from the file index."""
+    groups: dict[str, list[FileEntry]] = defaultdict(list)
     for e in entries:
         if e.kind == "dicom" and not e.status and e.header.kind == "image":
-            uid = e.header.series_uid or f"no-series:{e.file_key}"
-            groups[(uid, _geometry_signature(e))].append(e)
-    tasks = {}
-    for (uid, sig), members in groups.items():
-        key = deid.pseudonym("unit", f"{uid}|{sig}")
-        tasks[key] = UnitTask(key, "dicom", [(m.index, m.path) for m in members])
-    return tasks
+            groups[e.group_key].append(e)
+    return {key: UnitTask(key, "dicom", [(m.index, m.path) for m in members])
+            for key, members in groups.items()}
 
 
 def _nifti_identity(e: FileEntry) -> str:
@@ -195,8 +187,11 @@ def group_units(entries: list[FileEntry], deid: Deidentifier, collections=()) ->
     """Units sorted by ``unit_key`` (path-independent, so sharding does not leak order).
 
     ``collections``: (layout name, root) pairs whose files pair by their layout's rules."""
+    shared: dict = {}
+    for e in entries:  # headers scanned without the key (library callers): keyed now
+        key_header(e, deid, shared)
     named = collection_tasks(entries, deid, collections) if collections else {}
-    tasks = {**_dicom_tasks(entries, deid), **_nifti_tasks(entries, deid), **named}
+    tasks = {**_dicom_tasks(entries), **_nifti_tasks(entries, deid), **named}
     by_path = {e.path: e for e in entries}
     _pair_nifti_labels(entries, tasks, by_path)
     _pair_dicom_labels(entries, tasks)

@@ -37,6 +37,8 @@ from pipeline.geometry import (
     max_diameter_mm,
 )
 
+MAX_ENCODER_BATCH = 256  # --encoder-batch upper bound (a 1024² SAM batch of 256 is ~3 GB input)
+
 
 @dataclass(frozen=True)
 class RegionConfig:
@@ -53,6 +55,7 @@ class RegionConfig:
     min_mask_score: float = 0.0  # drop SAM masks whose predicted IoU is below this
     box_labels: tuple[str, ...] = ()  # boxes route: only labels containing one of these (all if empty)
     device: str = "cpu"  # model stage device ("cuda", "cuda:1", ...)
+    encoder_batch: int = 16  # images per segmenter encoder call (and detector batch), across units
 
     @property
     def uses_models(self) -> bool:
@@ -66,6 +69,9 @@ class RegionConfig:
             raise ValueError(f"--roi {','.join(self.routes)}: choose from labels,boxes,detector")
         if "detector" in self.routes and not self.detector:
             raise ValueError("--roi detector needs --detector PATH (train one with train-detector)")
+        if not 1 <= self.encoder_batch <= MAX_ENCODER_BATCH:
+            raise ValueError(f"--encoder-batch {self.encoder_batch}: must be in "
+                             f"[1, {MAX_ENCODER_BATCH}]")
         if self.min_area_mm2 < 0:
             raise ValueError(f"--min-area-mm2 {self.min_area_mm2}: must be >= 0")
 

@@ -6,6 +6,7 @@ Public API::
     seg = build_segmenter("lite-medsam", device="cpu")      # or "sam:PATH", "otsu", "none", ...
     masks, scores = seg.predict(image, boxes)                # one image, N boxes
     results = seg.predict_batch(images, boxes_list)          # several images per encoder forward
+    packed = seg.segment_batch(images, boxes_list)           # the same, masks bit-packed
 
 Conventions (every function here):
     image   (H, W) grey or (H, W, 3) RGB numpy array, uint8 expected (see :func:`as_image`).
@@ -24,11 +25,19 @@ takes pixel-INDEX coordinates); boxes are therefore handed to it as ``edge − 0
 encoder sees exactly the box edges. Nothing global is set (no torch.set_num_threads, no
 default dtype, no cudnn flags); the models run under ``torch.inference_mode`` and, on CUDA with
 ``precision="auto"``, ``torch.autocast`` bf16 (fp16 where bf16 is unsupported).
+
+Device work: :meth:`PromptSegmenter.segment_batch` uploads the uint8 images, resizes,
+normalises and pads them on the model's device (torch ops, one call per image size), runs the
+encoder ``batch_size`` images at a time, pastes the masks back, thresholds and bit-packs them
+there (:func:`pack_masks`), so the host only copies bytes. Seconds of process CPU time spent
+inside device work accumulate in ``device_s`` (what a benchmark subtracts to get the host's
+own cost).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -109,6 +118,34 @@ def _empty(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, int(shape[0]), int(shape[1])), dtype=bool), np.zeros(0, dtype=np.float32)
 
 
+# ------------------------------------------------------------------------------ packed masks
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # np.packbits' big-endian bit order
+
+
+def pack_masks(masks) -> np.ndarray:
+    """(N, H, W) bool masks (numpy, or a torch tensor on any device, packed there) → (N,
+    ceil(H·W / 8)) uint8, row-major, as ``np.packbits(masks.reshape(N, -1), axis=1)``."""
+    n, size = int(masks.shape[0]), int(masks.shape[1]) * int(masks.shape[2])
+    if isinstance(masks, np.ndarray):
+        return np.packbits(masks.reshape(n, size), axis=1)
+    flat = masks.reshape(n, size).to(torch.uint8)
+    pad = -flat.shape[1] % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    packed = (flat.reshape(n, (size + 7) // 8, 8) * weights).sum(-1, dtype=torch.uint8)
+    return packed.cpu().numpy()
+
+
+def unpack_masks(packed: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`pack_masks`: (N, L) uint8 → (N, H, W) bool for ``shape`` (H, W)."""
+    h, w = int(shape[0]), int(shape[1])
+    bits = np.unpackbits(np.asarray(packed, np.uint8).reshape(-1, (h * w + 7) // 8), axis=1,
+                         count=h * w)
+    return bits.reshape(-1, h, w).view(bool)
+
+
 # ------------------------------------------------------------------------------ segmenters
 
 
@@ -142,6 +179,12 @@ class Segmenter:
             raise ValueError(f"{len(images)} images but {len(boxes_list)} box lists")
         return [self.predict(img, boxes) for img, boxes in zip(images, boxes_list, strict=False)]
 
+    def segment_batch(self, images: Sequence, boxes_list: Sequence) -> list[tuple]:
+        """[(packed masks (N, L) uint8 (:func:`pack_masks`) or None, scores (N,) float32)] per
+        image: :meth:`predict_batch` in the compact form a model stage hands back."""
+        out = self.predict_batch(images, boxes_list)
+        return [(None if m is None else pack_masks(m), s) for m, s in out]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -152,12 +195,15 @@ class PromptSegmenter(Segmenter):
     One image-encoder pass per image whatever N; all N boxes of an image go through the prompt
     encoder and mask decoder in one batched call (single-mask output, SAM's
     ``multimask_output=False``); mask = pasted logits > 0. ``batch_size`` images share one
-    encoder forward in :meth:`predict_batch` (default 4 on CUDA, 1 elsewhere: on a 2-core CPU
-    a batch of 4 cost 1.8 s/image against 1.3–1.4 s one at a time). The modules of ``parts``
-    are moved to ``device`` and put in eval mode in place.
+    encoder forward in :meth:`predict_batch` / :meth:`segment_batch` (default 16, the build's
+    ``--encoder-batch``). An image's embedding may move in its last bits with the batch it
+    shares (LiteMedSAM's did not in a CPU check; a generic ViT's moved by ~1e-6): callers that
+    need the same bytes on every run feed the same images in the same order, as the build
+    does per shard; batch 1 gives the per-image results exactly. The modules of ``parts`` are
+    moved to ``device`` and put in eval mode in place.
     """
 
-    def __init__(self, parts: ModelParts, device="cpu", precision="auto", batch_size=None):
+    def __init__(self, parts: ModelParts, device="cpu", precision="auto", batch_size=16):
         super().__init__()
         self.name, self.checkpoint_sha256 = parts.name, parts.checkpoint_sha256
         self.device = torch.device(device)
@@ -171,7 +217,19 @@ class PromptSegmenter(Segmenter):
         self.prompt_encoder = parts.prompt_encoder.to(self.device).eval()
         self.mask_decoder = parts.mask_decoder.to(self.device).eval()
         self.transform = ResizeLongestPad(parts.input_size)
-        self.batch_size = batch_size or (4 if self.device.type == "cuda" else 1)
+        self.batch_size = int(batch_size)
+        self.device_s = 0.0  # process CPU seconds inside device work (see module doc)
+        mean, std = (torch.from_numpy(v).reshape(1, 3, 1, 1) for v in (SAM_PIXEL_MEAN,
+                                                                       SAM_PIXEL_STD))
+        self._mean, self._std = mean.to(self.device), std.to(self.device)
+
+    @contextlib.contextmanager
+    def _device_work(self):
+        t = time.process_time()
+        try:
+            yield
+        finally:
+            self.device_s += time.process_time() - t
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -197,6 +255,35 @@ class PromptSegmenter(Segmenter):
             x = (x - SAM_PIXEL_MEAN) / SAM_PIXEL_STD
         return torch.from_numpy(np.ascontiguousarray(self.transform.pad(x).transpose(2, 0, 1)))
 
+    def preprocess_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, 3, S, S) float32 model inputs on the device, equal bit for bit to stacking
+        :meth:`preprocess`: uint8 images of a size :meth:`ResizeLongestPad.device_factor`
+        accepts are uploaded as bytes and resized/normalised/padded there, one call per size;
+        any other image goes through :meth:`preprocess` on the host."""
+        s = self.transform.target_length
+        out = torch.zeros((len(images), 3, s, s), dtype=torch.float32, device=self.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault((img.shape, img.dtype.str), []).append(i)
+        for (shape, dtype), idx in groups.items():
+            if dtype != "|u1" or self.transform.device_factor(*shape[:2]) is None:
+                for i in idx:
+                    out[i] = self.preprocess(images[i]).to(self.device)
+                continue
+            x = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device).float()
+            x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+            x = self._normalise(self.transform.resize_tensor(x))
+            out[idx, :, : x.shape[-2], : x.shape[-1]] = x
+        return out
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) resized uint8-valued floats → normalised, as :meth:`preprocess`."""
+        if self.normalisation == "minmax":
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            return (x - lo) / (hi - lo).clamp_min(1e-8)
+        return (x.expand(-1, 3, -1, -1) - self._mean) / self._std
+
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, C, h, w) image embeddings; counts the encoder call."""
         with torch.inference_mode(), self._autocast():
@@ -210,6 +297,11 @@ class PromptSegmenter(Segmenter):
 
         Returns (masks (N, H, W) bool, scores (N,) float32 predicted IoU), image frame.
         """
+        masks, iou = self._masks(embedding, boxes, size)
+        return masks.cpu().numpy(), iou
+
+    def _masks(self, embedding: torch.Tensor, boxes: np.ndarray, size) -> tuple:
+        """((N, H, W) bool masks on the device, (N,) float32 numpy predicted IoU)."""
         model_boxes = self.transform.apply_boxes(boxes, size) - 0.5  # encoder adds 0.5 back
         prompt = torch.from_numpy(model_boxes).to(self.device)
         with torch.inference_mode(), self._autocast():
@@ -222,8 +314,7 @@ class PromptSegmenter(Segmenter):
                 multimask_output=False,
             )
         with torch.inference_mode():
-            logits = self.transform.paste_masks(low_res.float(), size)
-            masks = (logits > 0).cpu().numpy()
+            masks = self.transform.paste_masks(low_res.float(), size) > 0
         return masks, iou[:, 0].float().cpu().numpy().astype(np.float32)
 
     def predict(self, image, boxes):
@@ -236,17 +327,29 @@ class PromptSegmenter(Segmenter):
         Images with boxes are encoded ``batch_size`` per forward (sizes may differ: each is
         resized/padded to S×S); images with no boxes get empty outputs and no encoder call.
         """
+        return self._run(images, boxes_list, packed=False)
+
+    def segment_batch(self, images: Sequence, boxes_list: Sequence) -> list[tuple]:
+        """[(packed masks (N_i, L_i) uint8, scores (N_i,) float32)] per image: as
+        :meth:`predict_batch`, the masks thresholded and bit-packed on the device."""
+        return self._run(images, boxes_list, packed=True)
+
+    def _run(self, images: Sequence, boxes_list: Sequence, packed: bool) -> list[tuple]:
         if len(images) != len(boxes_list):
             raise ValueError(f"{len(images)} images but {len(boxes_list)} box lists")
         items = [as_image(img) for img in images]
         boxes = [as_boxes(b, img.shape) for img, b in zip(items, boxes_list, strict=False)]
         out: list = [_empty(img.shape) for img in items]
+        if packed:
+            out = [(pack_masks(m), s) for m, s in out]
         todo = [i for i, b in enumerate(boxes) if len(b)]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            emb = self.encode(torch.stack([self.preprocess(items[i]) for i in chunk]))
-            for j, i in enumerate(chunk):
-                out[i] = self.decode(emb[j : j + 1], boxes[i], items[i].shape[:2])
+            with self._device_work():
+                emb = self.encode(self.preprocess_batch([items[i] for i in chunk]))
+                for j, i in enumerate(chunk):
+                    masks, iou = self._masks(emb[j : j + 1], boxes[i], items[i].shape[:2])
+                    out[i] = (pack_masks(masks) if packed else masks.cpu().numpy(), iou)
         return out
 
 
@@ -304,21 +407,21 @@ class BoxOnlySegmenter(Segmenter):
 # ------------------------------------------------------------------------------ registry
 
 
-def _lite(spec: str, variant, arg, device, precision) -> Segmenter:
+def _lite(spec: str, variant, arg, device, precision, batch) -> Segmenter:
     if variant or arg:
         raise ValueError(f"segmenter {spec!r}: lite-medsam takes no variant or path; {SPEC_HELP}")
-    return PromptSegmenter(load_lite_medsam(), device, precision)
+    return PromptSegmenter(load_lite_medsam(), device, precision, batch)
 
 
 def _sam_family(kind: str) -> Callable[..., Segmenter]:
-    def factory(spec: str, variant, arg, device, precision) -> Segmenter:
-        return PromptSegmenter(load_sam(kind, arg or "", variant, spec), device, precision)
+    def factory(spec: str, variant, arg, device, precision, batch) -> Segmenter:
+        return PromptSegmenter(load_sam(kind, arg or "", variant, spec), device, precision, batch)
 
     return factory
 
 
 def _plain(cls) -> Callable[..., Segmenter]:
-    def factory(spec: str, variant, arg, device, precision) -> Segmenter:
+    def factory(spec: str, variant, arg, device, precision, batch) -> Segmenter:
         if variant or arg:
             raise ValueError(f"segmenter {spec!r}: {cls.name} takes no variant or path")
         return cls()
@@ -326,7 +429,7 @@ def _plain(cls) -> Callable[..., Segmenter]:
     return factory
 
 
-#: name → factory(spec, variant, arg, device, precision); see :func:`build_segmenter`.
+#: name → factory(spec, variant, arg, device, precision, batch); see :func:`build_segmenter`.
 segmenter_registry: dict[str, Callable[..., Segmenter]] = {
     "lite-medsam": _lite,
     "sam": _sam_family("sam"),
@@ -337,14 +440,14 @@ segmenter_registry: dict[str, Callable[..., Segmenter]] = {
 
 
 def build_segmenter(
-    spec: str = "lite-medsam", device: str = "cpu", precision: str = "auto"
+    spec: str = "lite-medsam", device: str = "cpu", precision: str = "auto", batch: int = 16
 ) -> Segmenter:
     """A :class:`Segmenter` from a spec string.
 
     Specs: "lite-medsam" (bundled, SHA-256-verified weights), "sam:PATH" (variant from the
     checkpoint) or "sam-vit_b|vit_l|vit_h:PATH", "medsam:PATH" (MedSAM vit_b, min–max input),
     "otsu", "none". ``device`` is any torch device string; ``precision`` one of
-    :data:`PRECISIONS` (see :func:`autocast_dtype`).
+    :data:`PRECISIONS` (see :func:`autocast_dtype`); ``batch``: images per encoder forward.
 
     Raises:
         ValueError: unknown name (the message lists the names, how to install them and where
@@ -354,4 +457,4 @@ def build_segmenter(
     if name not in segmenter_registry:
         raise ValueError(f"unknown segmenter {spec!r}; {SPEC_HELP}")
     autocast_dtype(device, precision)  # validate before loading anything
-    return segmenter_registry[name](spec, variant, arg, device, precision)
+    return segmenter_registry[name](spec, variant, arg, device, precision, batch)

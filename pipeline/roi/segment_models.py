@@ -268,6 +268,35 @@ class ResizeLongestPad:
         )
         return out.reshape((nh, nw) + image.shape[2:])
 
+    def device_factor(self, h: int, w: int) -> int | None:
+        """The power-of-two factor k (model side = k × image side, or image side = k × model
+        side for k < 0) by which :meth:`resize_tensor` reproduces :meth:`apply_image` bit for
+        bit on uint8 pixels; None for other sizes (resized on the host by cv2 instead).
+
+        Why exact: shrinking by k is cv2's fast INTER_AREA (block sum × float32(1/k²)); growing
+        by k is bilinear with weights that are multiples of 1/(2k); on integers 0–255 every
+        product and sum is exact in float32, so summation order and FMA do not matter."""
+        nh, nw = self.preprocess_shape(h, w)
+        for k in (1, 2, 4, 8):
+            if (nh * k, nw * k) == (h, w):
+                return -k if k > 1 else 1
+            if (h * k, w * k) == (nh, nw):
+                return k
+        return None
+
+    def resize_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float32 on any device → (B, C, new_h, new_w), as :meth:`apply_image`
+        for the sizes :meth:`device_factor` accepts (raises ValueError for others)."""
+        k = self.device_factor(int(x.shape[-2]), int(x.shape[-1]))
+        if k is None:
+            raise ValueError(f"no exact device resize for {tuple(x.shape[-2:])}")
+        if k == 1:
+            return x
+        if k < 0:  # cv2 INTER_AREA fast path: sum of the k×k block times float32(1/k²)
+            s = F.avg_pool2d(x, -k, divisor_override=1)
+            return s * torch.tensor(1.0 / (k * k), dtype=torch.float32, device=x.device)
+        return F.interpolate(x, scale_factor=k, mode="bilinear", align_corners=False)
+
     def pad(self, resized: np.ndarray) -> np.ndarray:
         """(new_h, new_w[, C]) → (S, S[, C]) with zeros at the bottom and right."""
         s = self.target_length

@@ -5,5 +5,8 @@ unit.py     ``process_unit``: read → labels → cut → labels-route regions �
 shards.py   unit results → table rows (model stage and its captions here) → commit
 execute.py  executors: local (forked workers) and Ray Data (actor pools)
 isolate.py  forked children under a timeout and an address-space cap
-build.py    ``build(BuildConfig)``: discovery, resume, execution, manifest
+scan.py     the header scan for both executors (forked batches; Ray tasks under Ray)
+progress.py live bars on a terminal, plain lines elsewhere (tqdm)
+build.py    ``build(BuildConfig)``: discovery (file index: only new or changed files scanned),
+            resume, execution, manifest
 """

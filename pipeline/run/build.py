@@ -17,18 +17,19 @@ import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, replace
 
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import PIPELINE_VERSION, BuildConfig, RequestError
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.dicom_io import missing_decoders
-from pipeline.ingest.discover import FileEntry, scan_headers, walk
+from pipeline.ingest.discover import FileEntry, local_roots, walk
+from pipeline.ingest.file_index import index_columns, reuse
 from pipeline.ingest.units import group_units
-from pipeline.run.execute import progress, quiet_libraries, run_local, run_ray, workers
-from pipeline.run.isolate import run_isolated
+from pipeline.run.execute import quiet_libraries, run_local, run_ray
+from pipeline.run.scan import ray_running, scan, stop_ray
 from pipeline.run.shards import (
     Resume,
     ShardWork,
@@ -46,34 +47,17 @@ from pipeline.run.shards import (
 from pipeline.write import (
     commit_shard,
     committed_shards,
+    corpus_file,
     file_sha256,
     marker_files,
+    read_file_index,
     remove_stale_temporaries,
     shard_number,
+    write_file_index,
     write_manifest,
 )
 
 log = logging.getLogger("regioncorpus")
-
-
-def _scan(entries: list[FileEntry], cfg: BuildConfig) -> None:
-    """Header scan in isolated batches (a crashing header parse costs its batch, not the run)."""
-    todo = [e for e in entries if e.kind == "dicom" and not e.status]
-    size = cfg.execution.header_batch
-    batches = [todo[i:i + size] for i in range(0, len(todo), size)]
-    t0, done = time.monotonic(), 0
-    for i, status, value in run_isolated(scan_headers, batches, workers(cfg),
-                                         cfg.execution.unit_timeout_s,
-                                         cfg.execution.unit_memory_mb << 20):
-        if status == "ok":
-            for e in value:
-                entries[e.index] = e
-        else:
-            for e in batches[i]:
-                entries[e.index].status, entries[e.index].reason = "quarantined", value.reason
-                entries[e.index].error = value.problem
-        done += len(batches[i])
-        progress("headers", done, len(todo), t0)
 
 
 # Fields that say how a build runs, not what it makes: they may change between runs.
@@ -114,11 +98,11 @@ def check_out_dir(cfg: BuildConfig, key_id: str | None = None) -> None:
     """Raise :class:`~pipeline.config.RequestError` (a ValueError: one line naming ``--out``
     and the fields that differ; build-corpus exits 2 with it) when ``cfg.out`` holds a corpus
     built with another configuration or another de-identification key."""
-    path = Path(cfg.out) / "manifest.json"
-    if not path.is_file():
+    path = storage.join(cfg.out, "manifest.json")
+    if not storage.is_file(path):
         return
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(storage.read_bytes(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise RequestError(f"--out {cfg.out}: its manifest.json is unreadable; "
                          "choose a new --out") from None
@@ -182,17 +166,27 @@ def _entry(marker: dict) -> dict:
     return out
 
 
-def _discover(cfg: BuildConfig, deid: Deidentifier):
+def discover(cfg: BuildConfig, deid: Deidentifier) -> tuple[list[FileEntry], dict]:
+    """Walk the sources and scan the headers of the DICOM files that are new or changed since
+    the file index in ``cfg.out`` was written (all of them when it is missing or not
+    trusted); then replace the index → (entries, counts: files, from_index, scanned)."""
     entries = walk([*cfg.sources, *(root for _, root in cfg.collections)], deid)
-    _scan(entries, cfg)
+    reused = reuse(entries, read_file_index(cfg.out, deid.key_id))
+    scanned = scan(entries, cfg, deid)
+    write_file_index(cfg.out, index_columns(entries), deid.key_id)
+    return entries, {"files": len(entries), "from_index": reused, "scanned": scanned}
+
+
+def _discover(cfg: BuildConfig, deid: Deidentifier):
+    entries, counts = discover(cfg, deid)
     missing = missing_decoders(e.header.transfer_syntax for e in entries if e.header)
     if missing:  # which ones: the manifest's missing_decoders (UIDs only, vetted)
         log.warning("no installed decoder for %d transfer syntaxes (their files will be "
                     "quarantined; manifest.json: missing_decoders)", len(missing))
-    return entries, group_units(entries, deid, cfg.collections), missing
+    return entries, group_units(entries, deid, cfg.collections), missing, counts
 
 
-def _verify(out: Path, entries, tasks, live: dict[str, dict]) -> Resume:
+def _verify(out, entries, tasks, live: dict[str, dict]) -> Resume:
     """Check the committed shards against the units found now: which are missing, which shards
     are redone (units killed for lack of memory; units that gained files and lost none)."""
     digests = {t.unit_key: task_digest(t, entries) for t in tasks}
@@ -210,7 +204,7 @@ def _verify(out: Path, entries, tasks, live: dict[str, dict]) -> Resume:
     return resume
 
 
-def _commit_discovery(out: Path, entries, in_units: set[int], works: list[ShardWork],
+def _commit_discovery(out, entries, in_units: set[int], works: list[ShardWork],
                       markers: dict, resume: Resume) -> None:
     """Commit the rows of files outside every unit: committed discovery shards keep theirs
     (a shard whose rows another row now replaces is redone without them, before the pending
@@ -221,7 +215,7 @@ def _commit_discovery(out: Path, entries, in_units: set[int], works: list[ShardW
     for name, m in markers.items():
         info = m["tables"].get("files", {})
         if name.startswith("discovery"):
-            committed[name] = (pq.read_table(out / info["file"]).to_pylist()
+            committed[name] = (pq.read_table(corpus_file(out, info["file"])).to_pylist()
                                if info.get("file") else [])
     found = {e.file_key for e in entries} if any(committed.values()) else set()
     written = {e.file_key for w in works for e in w.entries.values()} if found else set()
@@ -240,13 +234,13 @@ def _commit_discovery(out: Path, entries, in_units: set[int], works: list[ShardW
 def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set
           ) -> tuple[int, list[ShardWork], dict, Resume]:
     """Discover, check the committed shards (:func:`_verify`), cut the pending units into
-    shards, commit the discovery rows → (files found, pending shards, missing decoders,
-    resume report).
+    shards, commit the discovery rows → (files found, pending shards, manifest fields of the
+    discovery: missing decoders and header-scan counts, resume report).
 
     The per-file entries are the one part of the driver's memory that grows with the
     collection: past this call only the pending shards' own entries stay referenced, and the
     Ray executor drops those once it has pickled them."""
-    entries, tasks, missing = _discover(cfg, deid)
+    entries, tasks, missing, counts = _discover(cfg, deid)
     resume = _verify(cfg.out, entries, tasks, markers)
     works = plan_shards(tasks, entries, markers, replaced, resume,
                         cfg.execution.units_per_shard)
@@ -256,7 +250,7 @@ def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set
     print(f"{len(entries)} files, {len(tasks)} series: {n_new} new in "
           f"{len(works) - len(resume.rebuild)} new shards, {len(resume.rebuild)} shards redone, "
           f"{len(resume.missing)} committed series not found", file=sys.stderr)
-    return len(entries), works, missing, resume
+    return len(entries), works, {"missing_decoders": missing, "header_scan": counts}, resume
 
 
 MANIFEST_EVERY_S = 5.0  # manifest refresh interval while shards commit
@@ -279,13 +273,24 @@ def build(cfg: BuildConfig) -> dict:
     quiet_libraries()
     deid = Deidentifier.from_env(cfg.key_file)
     check_out_dir(cfg, deid.key_id)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(cfg.out)
     remove_stale_temporaries(cfg.out)
+    ray_before = ray_running()
+    try:
+        with local_roots(cfg.sources) as sources:
+            return _build(replace(cfg, sources=tuple(sources)), deid)
+    finally:
+        if not ray_before:  # started by this build (the header scan or the series stage)
+            stop_ray()
+
+
+def _build(cfg: BuildConfig, deid: Deidentifier) -> dict:
+    """:func:`build` once the sources are local folders (remote ones staged)."""
     timings, t = {}, time.monotonic()
     markers, replaced = committed_shards(cfg.out)
-    n_found, pending, missing, resume = _plan(cfg, deid, markers, replaced)
+    n_found, pending, found, resume = _plan(cfg, deid, markers, replaced)
     timings["discover"] = round(time.monotonic() - t, 3)
-    extra = {"missing_decoders": missing, "config_hash": cfg.config_hash(),
+    extra = {**found, "config_hash": cfg.config_hash(),
              "config": resolved_config(cfg), **_provenance(cfg)}
 
     last = [0.0]

@@ -3,7 +3,7 @@ cluster). Both hand each committed shard's marker to ``on_marker`` as soon as it
 
 local: units of all pending shards stream through forked, isolated workers (``--workers`` at
     once); a shard is committed by this process when its last unit is back; the model stage
-    (SAM/YOLO) runs here, once loaded.
+    (SAM/YOLO) runs here, once loaded, on each finished shard's images (:func:`shard_regions`).
 ray:  a Ray Data pipeline over shards. CPU stage: an actor pool of 1-CPU actors (one per CPU
     Ray offers at the start, less the model actors, at most one per shard), restarts and task
     retries set explicitly (Ray Data's default for actors is to retry forever); Ray Data
@@ -11,12 +11,15 @@ ray:  a Ray Data pipeline over shards. CPU stage: an actor pool of 1-CPU actors 
     each shard cost ~0.2 s of scheduling gap: 5 % on this machine's 100k build). Inside, units
     run in the actor's forked children under timeout and memory cap (``pipeline.run.isolate``),
     kept warm from shard to shard, so a decoder crash is a row, not a lost actor. Model stage
-    (boxes/detector routes): an actor pool (``--model-actors``, by default one per GPU,
-    resolved with the cluster's GPUs; ``--gpus-per-actor``) where YOLO and SAM share one
-    actor: both models stay resident, an image is decoded once for both, and a GPU is shared
-    by two processes only with a fractional --gpus-per-actor (docs/cluster.md). The stage that
-    finishes a shard writes it (temp → rename → marker), so the driver only ever sees small
-    markers.
+    (boxes/detector routes): ``--model-actors`` Ray actors (:class:`_ModelServer`, by default
+    one per GPU, resolved with the cluster's GPUs; ``--gpus-per-actor``) where YOLO and SAM
+    share one process and do model work only. The CPU actor that ran a shard's units decodes
+    its images to uint8 with their prompt boxes, calls a model actor (round robin) with the
+    whole shard (``--encoder-batch`` images per encoder call across its units), turns the
+    packed masks it gets back into regions, captions them and commits: the same three steps
+    as the local executor (:func:`shard_regions`). A GPU is shared by two model actors only
+    with a fractional --gpus-per-actor (docs/cluster.md). The CPU actor writes the shard (temp
+    → rename → marker), so the driver only ever sees small markers.
 
 Memory, per node (Ray): each CPU actor reserves Ray's ``memory`` resource for what its unit
 workers may allocate (``--unit-memory-mb``, the address-space cap above what a forked child
@@ -56,9 +59,6 @@ CPU_ACTOR_CHILDREN = 1  # unit workers a Ray CPU actor runs at once (its Isolato
 # on a GPU, its CUDA context (~1 GB) + one shard's unpickled unit results: 4 GiB.
 MODEL_ACTOR_BYTES = 4 << 30
 
-_last = [0.0]
-
-
 def quiet_libraries() -> None:
     """pydicom's and nibabel's warnings and log records quote header values (which may be PHI):
     keep them out of every log. Forked children inherit the levels and filters."""
@@ -73,15 +73,11 @@ def quiet_libraries() -> None:
 
 
 def progress(stage: str, done: int, total: int, t0: float) -> None:
-    """One progress line per second at most (and the final one), on stderr."""
-    now = time.monotonic()
-    if done < total and now - _last[0] < 1.0:
-        return
-    _last[0] = now
-    rate = done / max(1e-9, now - t0)
-    eta = (total - done) / rate if rate > 0 else 0.0
-    print(f"[{stage}] {done}/{total} ({rate:.1f}/s, eta {eta:.0f} s)", file=sys.stderr,
-          flush=True)
+    """On stderr: a live bar per stage on a terminal, else a plain line every few seconds
+    and the final one (:mod:`pipeline.run.progress`)."""
+    from pipeline.run.progress import report
+
+    report(stage, done, total, t0, stream=sys.stderr)
 
 
 def workers(cfg: BuildConfig) -> int:
@@ -107,6 +103,24 @@ def _unit_result(task, status: str, value):
     return value if status == "ok" else failed_unit(task, value)
 
 
+def shard_regions(models, work: ShardWork, results: dict, cfg: BuildConfig):
+    """The model stage for one shard, as ``finish_shard`` takes it (None without one): the
+    shard's model inputs (CPU side), ``models`` over them (a ``ModelStage``, or a Ray actor
+    handle's ``run``), and the CPU-side regions step over its answer. The model's seconds are
+    added to the ``models`` stage of the shard's first unit."""
+    if models is None:
+        return None
+    from pipeline.roi.propose import Regions, unit_inputs
+
+    inputs = unit_inputs([results[t.unit_key] for t in work.tasks], cfg.regions)
+    t = time.perf_counter()
+    outputs = models(inputs)
+    if work.tasks:
+        spent = results[work.tasks[0].unit_key].stage_s
+        spent["models"] = spent.get("models", 0.0) + time.perf_counter() - t
+    return Regions(outputs, cfg.regions)
+
+
 def run_local(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_marker) -> None:
     """Stream every pending unit through isolated workers; commit shards as they complete."""
     models = None
@@ -125,44 +139,53 @@ def run_local(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_m
             results[work.k][task.unit_key] = _unit_result(task, status, value)
             progress("series", n, len(flat), t0)
             if len(results[work.k]) == len(work.tasks):
-                on_marker(finish_shard(work, results.pop(work.k), cfg, models))
+                done = results.pop(work.k)
+                on_marker(finish_shard(work, done, cfg, shard_regions(models, work, done, cfg)))
 
 
 class _CpuShard:
     """Ray Data CPU stage: an actor that runs one shard's units at a time in its forked,
-    isolated children (kept warm across shards); it commits the shard unless the model stage
-    follows."""
+    isolated children (kept warm across shards), hands the shard's images to a model actor
+    when there is a model stage, and commits the shard."""
 
-    def __init__(self, cfg: BuildConfig, deid: Deidentifier):
+    def __init__(self, cfg: BuildConfig, deid: Deidentifier, model_actors: list | None = None):
         one_thread_per_worker()  # inherited by the forked children
         quiet_libraries()  # a Ray worker process: nothing of the driver's setup reaches it
-        self.cfg = cfg
+        # round robin from a per-process offset, so the CPU actors do not all start at actor 0
+        self.cfg, self.model_actors, self.calls = cfg, model_actors or [], os.getpid()
         self.isolator = unit_isolator(cfg, deid, CPU_ACTOR_CHILDREN)
+
+    def _models(self, inputs):
+        """One model actor's answer for ``inputs`` (round robin over the pool)."""
+        import ray
+
+        actor = self.model_actors[self.calls % len(self.model_actors)]
+        self.calls += 1
+        return ray.get(actor.run.remote(inputs))
 
     def __call__(self, row: dict) -> dict:
         work: ShardWork = pickle.loads(row["work"])
         results = {}
         for i, status, value in self.isolator.map(work.tasks):
             results[work.tasks[i].unit_key] = _unit_result(work.tasks[i], status, value)
-        if self.cfg.regions.uses_models:
-            return {"k": row["k"], "work": row["work"], "results": pickle.dumps(results),
-                    "marker": ""}
-        return {"k": row["k"], "marker": json.dumps(finish_shard(work, results, self.cfg))}
+        models = self._models if self.model_actors else None
+        regions = shard_regions(models, work, results, self.cfg)
+        return {"k": row["k"], "marker": json.dumps(finish_shard(work, results, self.cfg,
+                                                                 regions))}
 
 
-class _ModelShard:
-    """Ray Data model stage: an actor holding YOLO + SAM; finishes and commits shards."""
+class _ModelServer:
+    """A model actor: YOLO + SAM resident, model work only (``run``: [ModelInput] →
+    ModelOutputs, see ``pipeline.roi.propose``)."""
 
     def __init__(self, cfg: BuildConfig):
         from pipeline.roi.propose import ModelStage
 
         quiet_libraries()
-        self.cfg, self.models = cfg, ModelStage(cfg.regions)
+        self.models = ModelStage(cfg.regions)
 
-    def __call__(self, row: dict) -> dict:
-        work, results = pickle.loads(row["work"]), pickle.loads(row["results"])
-        return {"k": row["k"], "marker": json.dumps(finish_shard(work, results, self.cfg,
-                                                                 self.models))}
+    def run(self, inputs: list):
+        return self.models(inputs)
 
 
 def ray_pool_plan(nodes: list[dict], cfg: BuildConfig, shards: int) -> tuple[int, int, int]:
@@ -230,16 +253,17 @@ def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_mar
         cpu_actors, cpu_mem, model_mem = ray_pool_plan(nodes, cfg, n)
         # one shard running and one queued per actor: no idle gap, and at the end no actor
         # holds a backlog while another has none
-        ds = ds.map(_CpuShard, fn_constructor_kwargs={"cfg": cfg, "deid": deid},
+        model_actors = []
+        if cfg.regions.uses_models:
+            server = ray.remote(num_gpus=model_actor_gpus(cfg), num_cpus=1, memory=model_mem,
+                                max_restarts=retries, max_task_retries=retries)(_ModelServer)
+            model_actors = [server.remote(cfg) for _ in range(ex.model_actors)]
+        ds = ds.map(_CpuShard, fn_constructor_kwargs={"cfg": cfg, "deid": deid,
+                                                      "model_actors": model_actors},
                     compute=ray.data.ActorPoolStrategy(size=cpu_actors,
                                                        max_tasks_in_flight_per_actor=2),
                     num_cpus=1, memory=cpu_mem, max_restarts=retries,
                     max_task_retries=retries)
-        if cfg.regions.uses_models:
-            ds = ds.map(_ModelShard, fn_constructor_kwargs={"cfg": cfg},
-                        compute=ray.data.ActorPoolStrategy(size=ex.model_actors),
-                        num_gpus=model_actor_gpus(cfg), num_cpus=1, memory=model_mem,
-                        max_restarts=retries, max_task_retries=retries)
         t0 = time.monotonic()
         for done, row in enumerate(ds.iter_rows(), 1):
             on_marker(json.loads(row["marker"]))

@@ -32,6 +32,7 @@ from pipeline.ingest.units import UnitTask
 from pipeline.run.unit import UnitResult
 from pipeline.write import (
     commit_shard,
+    corpus_file,
     marker_files,
     marker_units,
     shard_name,
@@ -207,7 +208,8 @@ def only_grew(out: Path, marker: dict, key: str, now: set[str]) -> bool:
     info = marker.get("tables", {}).get("files", {})
     if not info.get("file"):
         return False
-    t = pq.read_table(out / info["file"], columns=["file_key"], filters=[("unit_key", "==", key)])
+    t = pq.read_table(corpus_file(out, info["file"]), columns=["file_key"],
+                      filters=[("unit_key", "==", key)])
     return set(t.column("file_key").to_pylist()) <= now
 
 

@@ -1,7 +1,9 @@
-"""popcount64 (np.bitwise_count where numpy has it) equals the byte-table count it replaced."""
+"""popcount64 (np.bitwise_count where numpy has it) equals the byte-table count it replaced;
+the perceptual hashes are pinned (see catalogs/verify.py for why they are not imagehash)."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,3 +50,25 @@ def test_popcount_hamming_distances():
     h = np.array([0, 2**64 - 1, 0xFF00FF00FF00FF00], np.uint64)
     d = verify.popcount64(h[:, None] ^ h[None, :])
     np.testing.assert_array_equal(d, [[0, 64, 32], [64, 0, 32], [32, 32, 0]])
+
+
+def _picture() -> np.ndarray:
+    """80 × 64 grey ramp with a bright disc and a dark square (integer-valued)."""
+    yy, xx = np.mgrid[0:64, 0:80].astype(np.float32)
+    g = 40 + 1.5 * xx + 0.8 * yy
+    cv2.circle(g, (25, 30), 12, 230, -1)
+    cv2.rectangle(g, (50, 8), (70, 24), 20, -1)
+    return np.clip(g, 0, 255).round()
+
+
+def test_hashes_are_pinned():
+    """Hashes are compared across runs and corpora: a change of implementation (another
+    resize, DCT, median or library) must show here and be documented, not slip through."""
+    g = _picture()
+    assert verify.phash64(g) == 0x8B4B38B486946F4F
+    assert verify.dhash64(g) == 0xFFF3C3C7CFEFFFFF
+    png8 = cv2.imencode(".png", g.astype(np.uint8))[1].tobytes()
+    png16 = cv2.imencode(".png", g.astype(np.uint16) * 257)[1].tobytes()
+    for png in (png8, png16):  # 16-bit PNGs are scaled to 8 bits, not clipped
+        assert verify.hash_png(png)["hash"] == 0x8B4B38B486946F4F
+        assert verify.hash_png(png, "dhash")["hash"] == 0xFFF3C3C7CFEFFFFF

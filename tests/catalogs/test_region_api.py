@@ -192,3 +192,18 @@ def test_dataset_item_is_the_region_resized(corpus_dir):
     want_box = (r.box - [x0, y0, x0, y0]) * [nw / w, nh / h, nw / w, nh / h]
     assert np.allclose(item["box"].numpy(), want_box, atol=1e-4)
     assert item["seen"] is True and item["label"] == r.row["label"]
+
+
+def test_iter_region_objects_any_order(corpus_dir):
+    """Rows in any order (the last image of a chunk coming back in the next chunk after another
+    image: X B A | B A A with chunk 3) give each region its own image."""
+    c = Corpus.open(corpus_dir)
+    rows = c.regions_with_images().collect()
+    by_image = rows.partition_by("image_id", as_dict=False)
+    a, b, x = (df.row(0, named=True) for df in by_image[:3])
+    order = pl.DataFrame([x, b, a, b, a, a], schema=rows.schema)
+    got = list(regions_mod.iter_region_objects(c, order.lazy(), chunk=3))
+    pngs = stored_pngs(corpus_dir)
+    assert [r.region_id for r in got] == order.get_column("region_id").to_list()
+    for r in got:
+        assert np.array_equal(r.image, by_hand(pngs[r.row["image_id"]]))

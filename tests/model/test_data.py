@@ -71,6 +71,26 @@ def test_caption_fallback_rules():
     assert styled("spine", "midline") == "vertebral body in the midline"
 
 
+def test_v2_prompts_use_the_captions_phrase_and_never_contradict_a_side():
+    """From captions v2 the zero-shot prompt is the phrase the captions use: a sided structure
+    names its own side only ("left adrenal gland", never "... on the right" or "... on the
+    left" again), an unpaired one its measured side."""
+    from pipeline.captions.attributes import load_vocab
+    from pipeline.captions.describe import label_words
+    from pipeline.captions.structures import load_structures
+
+    styled, vocab = cap.prompter("v2"), load_vocab("v2")
+    assert styled("adrenal_gland_left", "right") == "left adrenal gland"
+    assert styled("lung_nodule", "right") == "lung nodule on the right"
+    assert styled("liver", None) == "liver"
+    sided = [n for n, e in load_structures().entries.items() if e.side in ("left", "right")]
+    assert sided
+    for name in sided:
+        for side in ("left", "right", "midline", None):
+            p = styled(name, side)
+            assert p == label_words(name, vocab)[1] and " on the " not in p, (name, side)
+
+
 def test_collate_pads_regions_and_dedups_texts(tiny_corpus):
     from model.collate import Collate
     from model.text_tower import load_tokenizer, train_tokenizer
@@ -111,3 +131,46 @@ def test_metrics():
     rel = np.array([[1, 0, 0], [0, 0, 1]], bool)
     r = recall_at(np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]]), rel, ks=(1, 2, 3))
     assert (r["r1"], r["r2"], r["r3"]) == (0.0, 0.0, 1.0)
+
+
+def test_each_split_reads_its_own_rows_only(tiny_corpus):
+    """The rows of train, val and test partition the images table; a reader of one split never
+    yields (or converts) another split's row, and its regions are its images' own."""
+    import pyarrow.parquet as pq
+
+    c = CorpusIndex.open(tiny_corpus)
+    total = sum(pq.ParquetFile(img).metadata.num_rows for img, _ in c.shards)
+    seen = 0
+    for split in ("train", "val", "test"):
+        ds = RegionCorpus(c, split, DataConfig(), 64, train=False)
+        rows = list(ds._epoch_rows(0, 1, 0))
+        assert all(r["split"] == split for r in rows)
+        assert all(reg["image_id"] == r["image_id"] for r in rows for reg in r["regions"])
+        seen += len(rows)
+    assert seen == total
+
+
+def test_positive_point_window_matches_a_full_scan(tiny_corpus):
+    """The positive point is searched in the mask's RLE bounding box only: the same point as a
+    scan of the whole padded mask, for every region of the split (train and eval sampling)."""
+    from pycocotools import mask as mask_utils
+
+    c = CorpusIndex.open(tiny_corpus)
+    for train in (False, True):
+        ds = RegionCorpus(c, "train", DataConfig(), 64, train=train)
+        for k, row in enumerate(list(ds._epoch_rows(0, 1, 0))[:12]):
+            h, w = row["height"], row["width"]
+            side = max(h, w)
+            oy, ox = (side - h) // 2, (side - w) // 2
+            for j, r in enumerate(row["regions"]):
+                got = ds._region(r, (oy, ox, side), np.random.default_rng([k, j]))["points"]
+                m = mask_utils.decode({"size": list(r["mask_rle"]["size"]),
+                                       "counts": r["mask_rle"]["counts"].encode()})
+                sq = np.zeros((side, side), np.uint8)
+                sq[oy:oy + m.shape[0], ox:ox + m.shape[1]] = m
+                rng = np.random.default_rng([k, j])
+                box = ds._region(r, (oy, ox, side), np.random.default_rng([k, j]))["box"]
+                negs = r.get("negatives")  # replay the draws _region makes before the points
+                if train and negs is not None and len(negs) > ds.cfg.negatives_per_region:
+                    rng.choice(len(negs), ds.cfg.negatives_per_region, replace=False)
+                assert np.array_equal(got, ds._points(sq, box, side, rng))

@@ -153,3 +153,80 @@ def test_negatives_join_region_denominator():
     f2["negative_features"] = F.normalize(f2["negative_features"] + 0.01, dim=-1)
     harder = RegionClipLoss(LossConfig())(f2)["region_loss"]
     assert float(harder) > float(base)  # negatives close to the regions raise the loss
+
+
+def _empty_batch(n_regions_per_image: list[int]):
+    """A collated micro-preset batch whose images have the given numbers of regions."""
+    from pathlib import Path
+    from tempfile import mkdtemp
+
+    import numpy as np
+
+    from model.collate import Collate
+    from model.text_tower import load_tokenizer, train_tokenizer
+
+    tok = load_tokenizer(train_tokenizer(["left lung", "right kidney", "ct axial slice"],
+                                         Path(mkdtemp()), 100).parent)
+
+    def region(j):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[10:20 + j, 10:30] = 1
+        return {"mask": mask, "box": np.array([0.15, 0.15, 0.5, 0.4], np.float32),
+                "caption": "left lung", "negatives": ["right lung"] * 3, "label": "lung_left",
+                "laterality": "left", "region_id": f"r{j}",
+                "points": np.array([[0.2, 0.2, 1], [0.9, 0.9, 0]], np.float32)}
+
+    samples = [{"image": np.full((64, 64), 40 * i, np.uint8), "image_id": f"i{i}",
+                "summary": f"ct axial slice {i}", "report": "ct", "global_text": f"ct {i}",
+                "image_labels": [], "regions": [region(j) for j in range(n)],
+                "pos": (0, 0, i, 0, i)} for i, n in enumerate(n_regions_per_image)]
+    return Collate(tok, 32, 3, 2)(samples), len(tok)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_batch_without_valid_regions_trains(stage):
+    """A stage-2/3 batch whose images have no region: finite losses, a backward pass."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import MICRO
+
+    from model.clip import build_model
+    from model.config import RunConfig
+    from model.loss import RegionClipLoss
+
+    cfg = RunConfig.from_dict(MICRO)
+    batch, vocab = _empty_batch([0, 0, 0])
+    model = build_model(cfg, vocab).train()
+    loss_fn = RegionClipLoss(cfg.loss)
+    terms = loss_fn(model(batch, want_global=stage == 3, want_region=True))
+    assert {"region_loss", "negative_loss"} <= set(terms)
+    assert all(torch.isfinite(v) for v in terms.values())
+    loss_fn.total(terms).backward()
+
+
+def test_stage_parameters_match_the_graph():
+    """The prefixes each stage freezes (train.stage_unused) are exactly the parameters its
+    losses do not reach: DDP without find_unused_parameters relies on it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import MICRO
+
+    from model.clip import build_model
+    from model.config import RunConfig
+    from model.loss import RegionClipLoss, stage_losses
+    from model.train import stage_unused
+
+    cfg = RunConfig.from_dict(MICRO)
+    batch, vocab = _empty_batch([2, 1, 3])
+    model = build_model(cfg, vocab).train()
+    loss_fn = RegionClipLoss(cfg.loss)
+    for stage in (1, 2, 3):
+        model.zero_grad(set_to_none=True)
+        loss_fn.total(loss_fn(model(batch, *stage_losses(stage)))).backward()
+        unused = {n for n, p in model.named_parameters() if p.grad is None}
+        frozen = {n for n, _ in model.named_parameters() if n.startswith(stage_unused(stage))}
+        assert unused == frozen, stage

@@ -84,7 +84,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     save_checkpoint(run, {"step": 3, "w": torch.zeros(3)})
     assert load_checkpoint(run)["step"] == 3
     leftovers = [p.name for p in ckpt_path(run).parent.iterdir() if p.name != "last.pt"]
-    assert leftovers == []
+    assert leftovers == ["checksums.json"]
 
 
 def test_cli_rejects_bad_flags(tiny_corpus, tmp_path, capsys):
@@ -180,3 +180,20 @@ def test_schedule_stages():
     assert lrs[-1] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-3)
     cfg.model.global_only = True  # the ablation trains stage 1 throughout
     assert {stage_of(s, cfg) for s in range(800)} == {1}
+
+
+def test_validation_rows_in_the_log(tiny_corpus, micro_preset, tmp_path):
+    """--val-every 2: rows with split "val" at steps 2 and 4 (val losses, zero-shot accuracy),
+    between the training rows; --keep-checkpoints 2 keeps the checkpoint before last.pt."""
+    run = tmp_path / "run"
+    assert train_main(["--corpus", str(tiny_corpus), "--out", str(run), "--preset",
+                       str(micro_preset), "--steps", "4", "--val-every", "2", "--val-batches",
+                       "2", "--ckpt-every", "2", "--keep-checkpoints", "2"]) == 0
+    rows = read_log(run / "log.jsonl")
+    val = [r for r in rows if r.get("split") == "val"]
+    assert [r["step"] for r in val] == [2, 4]
+    assert [r["step"] for r in rows if r.get("split") != "val"] == [1, 2, 3, 4]
+    for r in val:
+        assert {"global_loss", "region_loss", "negative_loss"} <= set(r) and r["val_regions"] > 0
+        assert 0 <= r["zero_shot_region_acc"] <= 1 and r["val_batches"] >= 1
+    assert sorted(p.name for p in (run / "ckpt").glob("step-*.pt")) == ["step-00000002.pt"]

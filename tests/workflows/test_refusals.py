@@ -409,3 +409,17 @@ def test_browse_catalog_json_is_one_document(train_only, capsys, extra):
     assert len(doc["sample"]) == (3 if "--limit" in extra else 10)
     assert ("near_duplicates" in doc) == ("--near-duplicates" in extra)
     assert ("caption_check" in doc) == ("--verify-captions" in extra)
+
+
+def test_train_model_on_a_corpus_without_train_images(tmp_path, capsys):
+    """A corpus whose patients all went to val/test: refused before any work (the loader would
+    wait forever for a first batch)."""
+    from pipeline.phantoms.studies import make_phantoms
+
+    make_phantoms(tmp_path / "ph", patients=2, seed=0, matrix=64)
+    assert build_corpus.main([str(tmp_path / "ph"), "--out", str(tmp_path / "corpus"),
+                              "--every-k", "0", "--executor", "local", "--split", "0,0.5,0.5"]) == 0
+    err = refused(train_model.main, ["--corpus", tmp_path / "corpus", "--out", tmp_path / "run",
+                                     "--preset", "tiny", "--steps", "2"],
+                  "train-model", "--corpus", tmp_path, capsys)
+    assert "no images in the train split" in err and not (tmp_path / "run").exists()

@@ -201,8 +201,13 @@ def test_train_detector_one_epoch_smoke(tmp_path, monkeypatch, capsys):
     assert rec["n_true"] == 3 and set(rec["by_size"]) == {"ge_10mm", "lt_10mm"}
     assert m["counts"]["train"]["positive"] == 6 and m["counts"]["test"]["background"] == 1
     assert m["machine"]["cpu_count"] >= 1
-    out = capsys.readouterr().out
-    assert str(weights) in out and "metrics.json" in out
+    captured = capsys.readouterr()
+    assert str(weights) in captured.out and "metrics.json" in captured.out
+    assert "[detector] 1/1 (" in captured.err and "\r" not in captured.err  # the epochs bar
+    # ultralytics' own plots, drawn offline (matplotlib Agg; no font download)
+    assert set(m["plots"]) >= {"pr_curve", "confusion_matrix"}
+    for path in m["plots"].values():
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(path).parent == run / "train"
 
     from pipeline.roi.detect import Detector, DetectorConfig
 

@@ -127,7 +127,7 @@ def test_negative_that_would_describe_another_region_is_not_used():
     describe_image(image, px, regions)
     for r in regions:
         assert "laterality" not in r["negative_kinds"]  # the flipped side is the other nodule
-        assert len(r["negatives"]) >= 3
+        assert len(r["negatives"]) >= 1
         assert r["caption_region"] not in r["negatives"]
 
 

@@ -22,6 +22,21 @@ def test_states_facts_accepts_true_paraphrases_and_rejects_contradictions():
     assert not states_facts("Something in the abdomen.", FACTS, "CT")
 
 
+def test_states_facts_with_the_structure_vocabulary():
+    """v2: the structure's phrase carries its side; another structure's name or the other side
+    is a contradiction."""
+    from pipeline.captions.attributes import load_vocab
+
+    v2 = load_vocab("v2")
+    facts = dict(FACTS, label="adrenal_gland_left", is_lesion=False, laterality="left",
+                 location=None, location_relation=None, max_diameter_mm=21.0)
+    assert states_facts("The left adrenal gland, spanning 21 mm, hypodense.", facts, "CT", v2)
+    assert states_facts("A medium-sized hypodense left adrenal gland.", facts, "CT", v2)
+    assert not states_facts("The right adrenal gland, spanning 21 mm, hypodense.", facts, "CT", v2)
+    assert not states_facts("The left kidney, spanning 21 mm, hypodense.", facts, "CT", v2)
+    assert not states_facts("The left adrenal gland, spanning 21 mm, hyperdense.", facts, "CT", v2)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     """A randomly initialised GPT-2 with a WordLevel tokenizer, saved as a local HF folder."""

@@ -63,3 +63,16 @@ def test_roots_with_one_name_never_share_keys(tmp_path):
     assert len({s["series_key"] for s in series}) == len({s["patient_key"] for s in series}) == 2
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["found"] == manifest["rows"]["files"] == 2
+
+
+def test_keyed_headers_share_their_keyed_values(tmp_path):
+    """Keyed at scan time (the build's way): no raw series UID left, and a series' slices
+    still hold one object per keyed value (the driver keeps a header per file)."""
+    deid = Deidentifier(b"k" * 32)
+    write_series(tmp_path / "a", ramp_volume((4, 12, 10)), series_uid="1.2.3.4.5")
+    entries = scan_headers(walk([tmp_path], deid), deid)
+    headers = [e.header for e in entries if e.header is not None]
+    assert len(headers) == 4 and all(h.series_uid == deid.pseudonym("uid", "1.2.3.4.5")
+                                     for h in headers)
+    assert all(h.series_uid is headers[0].series_uid for h in headers)
+    assert len({e.group_key for e in entries}) == 1

@@ -39,7 +39,7 @@ def _check_caption_facts(region, lesion, truth, pix):
         assert a["intensity_class"] == ("hyper" if lesion["density_hu"] > host else "hypo")
     if lesion["organ"].startswith("lung"):
         assert a["intensity_class"] == "hyper" and a["location"] == "lung"
-    assert region["caption_region"] and len(region["negatives"]) >= 3
+    assert region["caption_region"]  # negatives: drawn from the priors, may be none (tests/pipeline/captions)
 
 
 def test_phantom_lesions_match_ground_truth(tmp_path):

@@ -53,6 +53,22 @@ def test_embedded_ray_gives_the_local_bytes(phantoms, local_build, tmp_path):
     assert manifest["complete"] and manifest["executor"] == "ray"
 
 
+MODEL_ARGS = ["--roi", "labels,boxes", "--segmenter", "otsu", "--device", "cpu",
+              "--units-per-shard", "2", "--encoder-batch", "4"]
+
+
+def test_model_stage_gives_the_same_bytes_on_ray_and_local(phantoms, tmp_path):
+    """The boxes route through the model stage: CPU actors prepare and finish, a model actor
+    segments whole shards; the local executor runs the same three steps in-process."""
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    assert main([str(phantoms), "--out", str(local), "--executor", "local", *MODEL_ARGS]) == 0
+    assert main([str(phantoms), "--out", str(ray), "--executor", "ray", "--workers", "2",
+                 *MODEL_ARGS]) == 0
+    assert _tables(ray) == _tables(local)
+    regions = pq.read_table(local / "regions", columns=["source", "segmenter"]).to_pylist()
+    assert {"source": "boxes", "segmenter": "otsu"} in regions
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
