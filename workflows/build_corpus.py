@@ -115,7 +115,8 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 def _executor(args: argparse.Namespace) -> str:
     if args.executor:
         return args.executor
-    return "ray" if args.address else os.environ.get("REGIONCORPUS_EXECUTOR", "ray")
+    # $REGIONCORPUS_EXECUTOR unset or empty: Ray
+    return "ray" if args.address else os.environ.get("REGIONCORPUS_EXECUTOR") or "ray"
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:

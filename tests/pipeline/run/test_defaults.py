@@ -26,6 +26,16 @@ def _config(*extra: str):
     return build_corpus.config_from_args(build_corpus._parser().parse_args(argv))
 
 
+@pytest.mark.parametrize("env, want", [(None, "ray"), ("", "ray"), ("local", "local")])
+def test_executor_default_follows_the_environment(monkeypatch, env, want):
+    """Unset or empty $REGIONCORPUS_EXECUTOR: Ray (an empty value once failed the build)."""
+    if env is None:
+        monkeypatch.delenv("REGIONCORPUS_EXECUTOR", raising=False)
+    else:
+        monkeypatch.setenv("REGIONCORPUS_EXECUTOR", env)
+    assert _config().execution.executor == want
+
+
 @pytest.fixture
 def four_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
