@@ -54,6 +54,7 @@ COMMANDS = [
     ("python -m workflows.bench_discover", "workflows.bench_discover"),
     ("python -m workflows.bench_evaluate", "workflows.bench_evaluate"),
     ("python -m workflows.bench_hashing", "workflows.bench_hashing"),
+    ("python -m workflows.bench_quality", "workflows.bench_quality"),
 ]
 
 
