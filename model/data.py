@@ -50,6 +50,18 @@ REGION_COLS = ["region_id", "image_id", "label", "bbox", "mask_rle", "laterality
 REGION_CAPTIONS = ["caption_region", "negatives", "negative_kinds"]
 
 
+def count_split_images(images_files, split: str) -> int:
+    """Images of ``split`` in the committed images files (only their ``split`` column is read)."""
+    return sum(pc.sum(pc.equal(pq.read_table(f, columns=["split"]).column("split"),
+                               split)).as_py() or 0 for f in images_files)
+
+
+def corpus_split_images(root, split: str) -> int:
+    """:func:`count_split_images` of a corpus folder or URI, without building its index."""
+    return count_split_images([t["images"] for t in committed_tables(storage.location(root))
+                               .values() if "images" in t], split)
+
+
 @dataclass
 class CorpusIndex:
     """Committed shard files of a corpus and what the training needs to know about them."""
@@ -98,9 +110,8 @@ class CorpusIndex:
         return c
 
     def split_images(self, split: str) -> int:
-        """How many committed images ``split`` holds (the ``split`` column only is read)."""
-        return sum(pc.sum(pc.equal(pq.read_table(img, columns=["split"]).column("split"),
-                                   split)).as_py() or 0 for img, _ in self.shards)
+        """How many committed images ``split`` holds (:func:`count_split_images`)."""
+        return count_split_images([img for img, _ in self.shards], split)
 
     def prompt(self, label: str, side: str | None) -> str:
         """Zero-shot prompt in the corpus's caption phrasing (:func:`captions.prompter`)."""

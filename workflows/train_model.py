@@ -153,10 +153,10 @@ def config_from_args(args: argparse.Namespace) -> TrainCommand:
     from model.pretrained import check_weights
 
     check_weights(cfg.image)  # --image-weights: unreadable, no ViT keys, another architecture
-    from model.data import CorpusIndex
+    from model.data import corpus_split_images
     from model.train import NO_TRAIN_IMAGES
 
-    if CorpusIndex.open(args.corpus).split_images("train") == 0:
+    if corpus_split_images(args.corpus, "train") == 0:  # a split column read, no index built
         raise ValueError(NO_TRAIN_IMAGES.format(corpus=args.corpus))
     if not args.address:
         return TrainCommand(opts, json=args.json)
