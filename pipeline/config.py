@@ -26,6 +26,8 @@ from pipeline.write import file_sha256
 
 PIPELINE_VERSION = "0.1.0"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # --device spellings (auto: CUDA when present)
+ANNOTATION_FORMATS = ("vindr", "rsna", "nih", "siim", "coco")  # and custom:SPEC (docs/howto.md)
+REPORT_KEYS = ("study", "accession", "patient_date")  # what --reports-key joins a report on
 
 
 class RequestError(ValueError):
@@ -74,6 +76,12 @@ class BuildConfig:
     caption_seed: int = 0  # picks template variants; same seed → same captions
     captioner: str | None = None  # optional hf:LOCAL_PATH paraphraser (guarded; off by default)
     execution: ExecConfig = field(default_factory=ExecConfig)
+    # Bring-your-own annotations and reports (docs/howto.md): (table, format) per
+    # --annotations; how several readers' boxes combine; (table, key spec, text spec) per
+    # --reports ("beside": a .txt report beside each study folder, as MIMIC-CXR lays it out).
+    annotations: tuple[tuple[Path, str], ...] = ()
+    annotation_merge: str = "wbf"
+    reports: tuple[tuple[Path, str, str], ...] = ()
 
     def validate(self) -> None:
         """Check the whole request before any work (before Ray starts); ``ValueError`` naming
@@ -114,6 +122,7 @@ class BuildConfig:
         for s in self.sources:
             if not storage.exists(s):
                 raise ValueError(f"SOURCE {s}: no such file or directory")
+        self._check_tables()
         r = self.split.ratios
         if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
             raise ValueError(f"--split {','.join(map(str, r))}: three non-negative ratios summing to 1")
@@ -121,6 +130,32 @@ class BuildConfig:
                                    and Path(self.captioner[3:]).is_dir()):
             raise ValueError(f"--captioner {self.captioner}: expected hf:LOCAL_FOLDER "
                              "(a transformers causal LM saved on this machine)")
+
+    def _check_tables(self) -> None:
+        """--annotations / --reports: files readable, formats and merge rules known."""
+        for path, fmt in self.annotations:
+            if not readable_file(path):
+                raise RequestError(f"--annotations {path}: no such file, or not readable")
+            if fmt not in ANNOTATION_FORMATS and not fmt.startswith("custom:"):
+                raise ValueError(f"--annotations-format {fmt}: choose from "
+                                 f"{', '.join(ANNOTATION_FORMATS)} or custom:SPEC")
+        if self.annotation_merge not in ("wbf", "readers"):
+            raise ValueError(f"--annotation-merge {self.annotation_merge}: choose from wbf, "
+                             "readers")
+        for path, key, _ in self.reports:
+            if str(path) != "beside" and not readable_file(path):
+                raise RequestError(f"--reports {path}: no such file, or not readable")
+            if str(path) != "beside" and key.split(":", 1)[0] not in REPORT_KEYS:
+                raise ValueError(f"--reports-key {key}: expected KIND:COLUMN, KIND one of "
+                                 f"{', '.join(REPORT_KEYS)}")
+
+    def tables_digest(self) -> dict:
+        """The annotation and report tables by content (sha256), not by path: what the
+        manifest records and the configuration hash covers."""
+        return {"annotations": [[file_sha256(p), f] for p, f in self.annotations],
+                "annotation_merge": self.annotation_merge,
+                "reports": [["beside" if str(p) == "beside" else file_sha256(p), k, t]
+                            for p, k, t in self.reports]}
 
     def _check_execution(self) -> None:
         e = self.execution
@@ -173,6 +208,7 @@ class BuildConfig:
         d = asdict(self)
         for k in ("sources", "out", "key_file", "execution", "collections"):
             d.pop(k)
+        d.update(self.tables_digest())
         d["units_per_shard"] = self.execution.units_per_shard
         d["regions"].pop("device")
         d["regions"].pop("encoder_batch")  # batching does not change outputs

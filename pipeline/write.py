@@ -73,6 +73,15 @@ SERIES_SCHEMA = pa.schema([
     ("color_to_luminance", pa.bool_()),
     ("geometry_known", pa.bool_()),
     ("resampled", pa.string()),
+    ("projection", pa.bool_()),  # 2D projection image (CR, DX, MG, US, ...): no 3D geometry
+    ("spacing_known", pa.bool_()),  # PixelSpacing / ImagerPixelSpacing present
+    ("view_position", pa.string()),  # ViewPosition defined term (AP, PA, LL, CC, MLO, ...)
+    ("patient_orientation", pa.list_(pa.string())),  # [row dir, column dir], e.g. ["L", "F"]
+    ("image_laterality", pa.string()),  # ImageLaterality L / R / B / U (else Laterality L / R)
+    ("voi_source", pa.string()),  # header display range: "window", "lut" or null
+    ("voi_function", pa.string()),  # VOILUTFunction of the window (LINEAR, LINEAR_EXACT, ...)
+    ("voi_min", pa.float64()),  # header display range on the volume's values
+    ("voi_max", pa.float64()),
     ("deid_key_id", pa.string()),
 ])
 
@@ -120,6 +129,8 @@ IMAGES_SCHEMA = pa.schema([
     ("caption_summary", pa.string()),
     ("caption_report", pa.string()),
     ("caption_version", pa.string()),
+    ("caption_report_source", pa.string()),  # report (the study's report) | template
+    ("annotation_status", pa.string()),  # findings | no_finding (annotation tables) | null
     ("image", IMAGE_STRUCT),
 ])
 IMAGES_SCHEMA = with_hf_image_metadata(IMAGES_SCHEMA)
@@ -143,6 +154,7 @@ ATTRIBUTES_STRUCT = pa.struct([  # the checked facts captions are made from (doc
     ("shape_class", pa.string()),
     ("modality", pa.string()),
     ("plane", pa.string()),
+    ("image_position", pa.string()),  # projection images: "upper left" ... of the image
 ])
 
 REGIONS_SCHEMA = pa.schema([
@@ -172,12 +184,18 @@ REGIONS_SCHEMA = pa.schema([
     ("negatives", pa.list_(pa.string())),
     ("negative_kinds", pa.list_(pa.string())),
     ("caption_version", pa.string()),
+    ("caption_provenance", pa.string()),  # template | report+template
+    ("report_sentence_id", pa.int32()),  # the report sentence in caption_region (else null)
+    ("source_label", pa.string()),  # annotation tables: the collection's class name (vocabulary)
+    ("reader_key", pa.string()),  # annotation tables: keyed reader id, null when fused / absent
+    ("n_readers", pa.int32()),  # annotation tables: readers fused into this box
+    ("annotation_box", pa.list_(pa.float64())),  # the annotator's XYXY box in image pixels
 ])
 
 # The file index (``DIR/_index/files.parquet``, docs/schema.md): what discovery learned about
 # each scanned DICOM file, so that a resume reads again only the headers of files that changed.
 # No raw identifier: UIDs are keyed (HMAC) as discovery keys them; it is not a corpus table.
-FILE_INDEX_VERSION = "1"
+FILE_INDEX_VERSION = "2"  # 2: the keyed join keys of annotation tables and reports
 FILE_INDEX_SCHEMA = pa.schema([
     ("file_key", pa.string()),
     ("size_bytes", pa.int64()),
@@ -203,6 +221,10 @@ FILE_INDEX_SCHEMA = pa.schema([
     ("enhanced", pa.bool_()),
     ("has_pixels", pa.bool_()),
     ("burned_in", pa.bool_()),
+    ("sop_uid", pa.string()),  # keyed SOPInstanceUID ("" when absent), as key_header keys it
+    ("study_uid", pa.string()),  # keyed StudyInstanceUID
+    ("accession", pa.string()),  # keyed AccessionNumber
+    ("patient_date", pa.string()),  # keyed "<PatientID>|<StudyDate>"
 ])
 
 SCHEMAS = {"files": FILES_SCHEMA, "series": SERIES_SCHEMA, "images": IMAGES_SCHEMA,

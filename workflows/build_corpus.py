@@ -78,6 +78,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-batch", type=int, default=16,
                    help="images per segmenter encoder call (and YOLO batch), across series; "
                    "1-256, output unchanged")
+    p.add_argument("--annotations", action="append", default=[], type=Path, metavar="TABLE",
+                   help="annotation table (CSV, Parquet or COCO JSON) of boxes, polygons or "
+                   "masks on the stored DICOM frames (points are read, not made regions); "
+                   "repeatable (docs/howto.md)")
+    p.add_argument("--annotations-format", action="append", default=[], metavar="FORMAT",
+                   help="layout of each --annotations table: vindr, rsna, nih, siim, coco or "
+                   "custom:SPEC (one for all tables, or one per table in order)")
+    p.add_argument("--annotation-merge", default="wbf", choices=("wbf", "readers"),
+                   help="several readers' boxes of one finding: fused by weighted box fusion "
+                   "(wbf) or kept per reader")
+    p.add_argument("--reports", action="append", default=[], metavar="TABLE",
+                   help="free-text reports (CSV, Parquet or JSON lines), or 'beside' for a "
+                   ".txt report next to each study folder (MIMIC-CXR); repeatable")
+    p.add_argument("--reports-key", action="append", default=[], metavar="KIND:COLUMN",
+                   help="what joins a report to its study: study:COLUMN (StudyInstanceUID), "
+                   "accession:COLUMN or patient_date:PIDCOLUMN,DATECOLUMN (one for all "
+                   "tables, or one per table)")
+    p.add_argument("--reports-text", action="append", default=[], metavar="COLUMN",
+                   help="the report column (sections parsed from it), or "
+                   "findings=COLUMN,impression=COLUMN (one for all tables, or one per table)")
     p.add_argument("--caption-seed", type=int, default=0, help="caption phrasing variant seed")
     p.add_argument("--captioner", help="optional hf:LOCAL_PATH causal LM paraphraser (guarded)")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios per patient")
@@ -112,6 +132,37 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise ValueError(f"{flag} {text}: expected comma-separated numbers") from None
 
 
+def _per_table(values: list[str], n: int, flag: str, default: str) -> list[str]:
+    """One value per table: none given → ``default``; one → for every table; else one each."""
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{flag}: give one value for all tables or one per table "
+                         f"({n} tables, {len(values)} values)")
+    return values
+
+
+def _tables(args: argparse.Namespace) -> dict:
+    """The annotation and report tables with their formats and keys (BuildConfig fields)."""
+    n, m = len(args.annotations), len(args.reports)
+    if n == 0 and args.annotations_format:
+        raise ValueError("--annotations-format: needs --annotations TABLE")
+    if m == 0 and (args.reports_key or args.reports_text):
+        raise ValueError("--reports-key / --reports-text: need --reports TABLE")
+    fmts = _per_table(args.annotations_format, n, "--annotations-format", "")
+    if any(not f for f in fmts):
+        raise ValueError("--annotations: needs --annotations-format (vindr, rsna, nih, siim, "
+                         "coco or custom:SPEC)")
+    keys = _per_table(args.reports_key, m, "--reports-key", "study:StudyInstanceUID")
+    texts = _per_table(args.reports_text, m, "--reports-text", "report")
+    reports = tuple((Path(p) if p != "beside" else Path("beside"), k, t)
+                    for p, k, t in zip(args.reports, keys, texts, strict=True))
+    return {"annotations": tuple(zip(args.annotations, fmts, strict=True)),
+            "annotation_merge": args.annotation_merge, "reports": reports}
+
+
 def _executor(args: argparse.Namespace) -> str:
     if args.executor:
         return args.executor
@@ -137,6 +188,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
                         refuse_gantry_tilt=args.refuse_gantry_tilt),
         slicing=slicing, regions=regions, caption_seed=args.caption_seed,
         captioner=args.captioner, split=SplitConfig(ratios=_floats(args.split, "--split")),
+        **_tables(args),
         execution=ExecConfig(executor=_executor(args), address=args.address,
                              model_actors=args.model_actors, gpus_per_actor=args.gpus_per_actor,
                              max_retries=args.max_retries,

@@ -12,4 +12,7 @@ priors.py       measures those priors on built corpora
 rewrite.py      optional guarded paraphrases from a local causal LM (``--captioner``)
 check.py        the independent checker: re-derives every fact from the stored PNG and RLE
 blind.py        the blind-model check: a text-only classifier on captions vs negatives
+findings.py     the finding vocabulary (findings_v1.json) of annotation tables and reports
+grounded.py     report captions and report-grounded region captions (after describe), and
+                their check
 """

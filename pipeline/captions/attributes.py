@@ -16,6 +16,14 @@ from the stored data alone. Rules and thresholds live in ``pipeline/captions/voc
   CT in HU (pixels mapped back through the window), other modalities in grey-level fraction;
   the value stored is the mean HU (CT) or the percentile of the mean among body pixels.
 * shape: circularity 4πA/P², elongation 1 − minor/major axis, solidity A/convex A.
+
+Projection images (CR, DX, MG, US, ...: the image row's ``projection``, see
+:data:`PROJECTION_FACTS`) have no 3D geometry, so: ``image_position`` (the centroid's third of
+the image, "upper left" … "central", in the image's own rows and columns); laterality only from
+PatientOrientation (the body midline along the axis that runs to patient Left or Right), None
+without it, never from the nominal frame; diameter in mm only when the header gave a pixel
+spacing (``spacing_known``), else None and the size class is the diameter as a fraction of the
+image's longest side (``size_classes_image``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import perimeter
 
+from pipeline.captions.findings import load_findings
 from pipeline.captions.structures import Structure, canonical_label, load_structures
 from pipeline.geometry import (
     body_mask,
@@ -52,6 +61,13 @@ VOCAB_DIR = Path(__file__).parent
 #: The caption vocabulary new builds use (stored per row in ``caption_version``).
 CAPTION_VERSION = "v2"
 
+#: Image-row keys of a projection image (from the volume meta; series table columns):
+#: ``projection`` (bool), ``spacing_known`` (bool), ``view_position`` (a ViewPosition defined
+#: term or None), ``patient_orientation`` ([row direction, column direction] or None),
+#: ``image_laterality`` (ImageLaterality L / R / B / U, else Laterality L / R, or None).
+PROJECTION_FACTS = ("projection", "spacing_known", "view_position", "patient_orientation",
+                    "image_laterality")
+
 
 @lru_cache(maxsize=4)
 def load_vocab(version: str = CAPTION_VERSION) -> dict:
@@ -61,7 +77,8 @@ def load_vocab(version: str = CAPTION_VERSION) -> dict:
 
 def structure_of(label: str, vocab: dict) -> Structure | None:
     """The structure-vocabulary entry of a region label, when ``vocab`` uses one (v2+) and
-    knows the label; else None."""
+    knows the label; else the finding vocabulary's entry of an annotation table's finding
+    label (category ``finding``); else None."""
     if not vocab.get("structures") or not isinstance(label, str):
         return None
     structures = load_structures(vocab["structures"])
@@ -69,6 +86,8 @@ def structure_of(label: str, vocab: dict) -> Structure | None:
     if entry is None:
         canonical = canonical_label(label, structures)
         entry = structures.entries.get(canonical) if canonical else None
+    if entry is None:
+        entry = load_findings().entries.get(label)
     return entry
 
 
@@ -91,7 +110,7 @@ def organ_name(label: str, vocab: dict) -> str:
 def is_lesion(label: str, vocab: dict) -> bool:
     entry = structure_of(label, vocab)
     if entry is not None:
-        return entry.category == "lesion"
+        return entry.category in ("lesion", "finding")  # a finding is focal, as a lesion
     return any(p in label.lower() for p in vocab["lesion_patterns"])
 
 
@@ -100,6 +119,66 @@ def size_class(diameter_mm: float, vocab: dict) -> str:
         if lo <= diameter_mm < hi:
             return name
     return vocab["size_classes_mm"][-1][0]
+
+
+def image_size_class(fraction: float, vocab: dict) -> str:
+    """The size class of a diameter given as a fraction of the image's longest side."""
+    for name, lo, hi in vocab["size_classes_image"]:
+        if lo <= fraction < hi:
+            return name
+    return vocab["size_classes_image"][-1][0]
+
+
+def _centroid_px(mask: np.ndarray, ext=None) -> tuple[float, float]:
+    """(row, col) mean pixel position of an (H, W) bool mask."""
+    sub, r0, c0 = crop(mask, 0, ext)
+    rr, cc = np.nonzero(sub)
+    return float(rr.mean() + r0), float(cc.mean() + c0)
+
+
+def image_position(row: float, col: float, shape) -> str:
+    """The third of the image a pixel position lies in: "upper left", "upper central",
+    "middle right", "central", ... (rows top → bottom, columns left → right of the image)."""
+    v = ("upper", "middle", "lower")[min(2, int(3 * row / max(1, shape[0])))]
+    h = ("left", "central", "right")[min(2, int(3 * col / max(1, shape[1])))]
+    if v == "middle":
+        return "central" if h == "central" else f"middle {h}"
+    return f"{v} {h}"
+
+
+_SIDE = {"L": "left", "R": "right"}
+
+
+def projection_side(row: float, col: float, image: dict, body: np.ndarray,
+                    vocab: dict) -> str | None:
+    """Patient side of a pixel position on a projection image. An image of one side
+    (ImageLaterality L or R: a left breast, a right hand): that side. Else, only on a body part
+    that spans the midline (``midline_body_parts``, or none recorded; never a mammogram): the
+    image axis whose PatientOrientation direction starts with L or R (row direction →
+    columns, column direction → rows), compared with the body's midline along it (within a
+    band of ``midline_band_mm``, or ``midline_band_image`` of the image without a known
+    spacing). None otherwise, or without a body."""
+    if image.get("image_laterality") in _SIDE:
+        return _SIDE[image["image_laterality"]]
+    part = (image.get("body_part") or "").upper().replace(" ", "")
+    if image["modality"] == "MG" or (part and part not in vocab["midline_body_parts"]):
+        return None
+    orient = image.get("patient_orientation") or ()
+    if len(orient) != 2 or body is None or not body.any():
+        return None
+    for axis, direction in ((1, orient[0]), (0, orient[1])):
+        toward = _SIDE.get(str(direction)[:1])
+        if toward is None:
+            continue
+        to_x = np.eye(3) if axis == 1 else np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]])
+        mid = body_midline_x(to_x, body)
+        spacing = float(image["pixel_spacing_mm"][axis])
+        band = (vocab["midline_band_mm"] / spacing if image.get("spacing_known")
+                else vocab["midline_band_image"] * body.shape[axis])
+        pos = col if axis == 1 else row
+        away = "right" if toward == "left" else "left"
+        return toward if pos > mid + band else away if pos < mid - band else "midline"
+    return None
 
 
 def modality_values(pixels: np.ndarray, image: dict) -> np.ndarray:
@@ -245,6 +324,10 @@ def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
         if ext is None:
             out.append(None)
             continue
+        if image.get("projection"):
+            out.append(_projection_record(image, pixels, region, mask, lesion, organs, body,
+                                          vocab, values, reference, ext))
+            continue
         cen = region.get("centroid_ras") if trust_rows else None
         cen = centroid_ras(mask, image["pixel_to_ras"], ext) if cen is None else cen
         rel, loc = _location(mask, organs, spacing, vocab, ext) if lesion else (None, None)
@@ -262,3 +345,30 @@ def derive_attributes(image: dict, pixels: np.ndarray, regions: list[dict],
             "modality": image["modality"], "plane": image["plane"],
         })
     return out
+
+
+def _projection_record(image, pixels, region, mask, lesion, organs, body, vocab, values,
+                       reference, ext) -> dict:
+    """The attributes of a region on a projection image (module docstring): no RAS centroid,
+    no invented mm, the position in the image and the side only from PatientOrientation."""
+    row, col = _centroid_px(mask, ext)
+    spacing = image["pixel_spacing_mm"] if image.get("spacing_known") else (1.0, 1.0)
+    rel, loc = _location(mask, organs, spacing, vocab, ext) if lesion else (None, None)
+    diam_px = max_diameter_mm(mask, (1.0, 1.0), ext)
+    if image.get("spacing_known"):
+        diam = round(max_diameter_mm(mask, image["pixel_spacing_mm"], ext), 3)
+        size = size_class(diam, vocab)
+    else:
+        diam, size = None, image_size_class(diam_px / max(mask.shape), vocab)
+    icls, ival, unit = intensity(mask, pixels, dict(image, pixel_spacing_mm=spacing), body,
+                                 vocab, values, ext, reference)
+    circ, elong, solid, scls = shape(mask, ext)
+    return {
+        "label": display(region["label"], vocab), "is_lesion": lesion,
+        "laterality": projection_side(row, col, image, body, vocab), "location": loc,
+        "location_relation": rel, "max_diameter_mm": diam, "size_class": size,
+        "intensity_class": icls, "intensity_value": ival, "intensity_unit": unit,
+        "circularity": circ, "elongation": elong, "solidity": solid, "shape_class": scls,
+        "modality": image["modality"], "plane": image["plane"],
+        "image_position": image_position(row, col, mask.shape),
+    }

@@ -14,6 +14,10 @@ with :func:`pipeline.captions.attributes.derive_attributes`, then:
   contradicts the region in that attribute and agrees in every other — and its facts must not
   be those of another region on the same image;
 * image summary and report: must be the rendering of the re-derived facts;
+* projection images (CR, DX, MG, US, ...): the facts of :data:`PROJECTION_FACTS` come from the
+  shard's series table (joined by ``series_key``), so the position in the image, the side from
+  PatientOrientation, the size relative to the image (no mm without a header spacing), the
+  view and body part of the summary are re-derived and compared like every other fact;
 * blind model (:mod:`pipeline.captions.blind`): a text-only classifier trained on the region
   captions against their negatives, grouped by image, must not beat ``blind_threshold``
   balanced accuracy (judged from ``blind_min_captions`` captions on).
@@ -31,24 +35,29 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.captions.attributes import derive_attributes, load_vocab
+from pipeline.captions.attributes import PROJECTION_FACTS, derive_attributes, load_vocab
 from pipeline.captions.blind import BLIND_THRESHOLD, blind_accuracy
 from pipeline.captions.describe import (
     fact_key,
     label_words,
     render_region,
     summary_and_report,
+    templates_of,
     with_changed,
 )
+from pipeline.captions.grounded import REPORT, template_view
 from pipeline.captions.negatives import contradicts
 from pipeline.captions.rewrite import states_facts
 from pipeline.captions.structures import load_structures
 from pipeline.images.png import decode_png
 from pipeline.write import committed_tables, read_manifest
 
-IMAGE_COLUMNS = ["image_id", "modality", "plane", "pixel_to_ras", "pixel_spacing_mm",
+IMAGE_COLUMNS = ["image_id", "series_key", "modality", "plane", "pixel_to_ras", "pixel_spacing_mm",
                  "window_min", "window_max", "slice_thickness_mm", "contrast", "body_part",
                  "caption_summary", "caption_report", "caption_version", "image"]
+
+
+OPTIONAL_IMAGE_COLUMNS = ["caption_report_source"]  # absent from corpora built before reports
 
 
 def _all_values(kind: str, vocab: dict) -> list:
@@ -96,10 +105,6 @@ def _check_negative_v2(text, kind, a, template, others, vocab, modality) -> bool
     return False
 
 
-def _templates(a: dict, vocab: dict) -> list[str]:
-    return vocab["region_templates"] if a["is_lesion"] else vocab["organ_templates"]
-
-
 def _same_attributes(stored: dict | None, derived: dict | None) -> bool:
     if stored is None or derived is None:
         return stored is None and derived is None
@@ -137,7 +142,7 @@ def _check_region(region, a, others, vocab, modality, tally, problems) -> None:
     if a is None:
         return
     caption = region["caption_region"] or ""
-    matches = [t for t in _templates(a, vocab) if render_region(a, t, vocab, modality) == caption]
+    matches = [t for t in templates_of(a, vocab) if render_region(a, t, vocab, modality) == caption]
     if matches or states_facts(caption, a, modality, vocab):  # template, or a guarded paraphrase
         tally["captions_agree"] += 1
     else:
@@ -146,7 +151,7 @@ def _check_region(region, a, others, vocab, modality, tally, problems) -> None:
     for text, kind in zip(region["negatives"] or [], region["negative_kinds"] or [], strict=True):
         tally["negatives"] += 1
         if any(_check_negative(text, kind, a, t, others, vocab, modality)
-               for t in (matches or _templates(a, vocab))):
+               for t in (matches or templates_of(a, vocab))):
             tally["negatives_contradict"] += 1
         else:
             problems.append({"region_id": region["region_id"], "what": f"negative ({kind})",
@@ -154,8 +159,15 @@ def _check_region(region, a, others, vocab, modality, tally, problems) -> None:
 
 
 def _check_image(image, regions, vocab, tally, problems, seed: int | None = None) -> None:
-    """``seed``: the build's caption seed (manifest); None (older manifests): any seed."""
+    """``seed``: the build's caption seed (manifest); None (older manifests): any seed.
+    Report-grounded captions (``pipeline.captions.grounded``) are checked for their sentence,
+    then as the template made them; a report caption is the stored report, not a template."""
     pixels = decode_png(image)
+    views = [template_view(image, r) for r in regions]
+    for r, (_, wrong) in zip(regions, views, strict=True):
+        problems += [{"region_id": r["region_id"], "what": f"report sentence ({w})"}
+                     for w in wrong]
+    regions = [v for v, _ in views]
     attrs = derive_attributes(image, pixels, regions, vocab)
     captions = []
     for k, (region, a) in enumerate(zip(regions, attrs, strict=True)):
@@ -166,6 +178,8 @@ def _check_image(image, regions, vocab, tally, problems, seed: int | None = None
     seeds = [seed] if seed is not None else range(len(vocab["summary_templates"]) * 8)
     for seed_guess in seeds:
         summary, report = summary_and_report(image, attrs, captions, vocab, seed_guess)
+        if image.get("caption_report_source") == REPORT:
+            report = image["caption_report"]  # the study's report, checked per sentence
         if summary == image["caption_summary"] and report == image["caption_report"]:
             tally["image_captions_agree"] += 1
             return
@@ -181,6 +195,19 @@ def _blind(rows: list, threshold: float | None, min_captions: int) -> dict:
     judged = threshold is not None and acc is not None and result["captions"] >= min_captions
     return {**result, "threshold": threshold, "min_captions": min_captions,
             "ok": (acc <= threshold) if judged else None}
+
+
+def _projection_facts(files: dict) -> dict[str, dict]:
+    """series_key → its :data:`PROJECTION_FACTS` from a shard's series table (none when the
+    table or the columns are absent: a corpus built before projection images existed)."""
+    if "series" not in files:
+        return {}
+    names = set(pq.ParquetFile(files["series"]).schema_arrow.names)
+    columns = [c for c in PROJECTION_FACTS if c in names]
+    if not columns:
+        return {}
+    rows = pq.read_table(files["series"], columns=["series_key", *columns]).to_pylist()
+    return {r.pop("series_key"): r for r in rows}
 
 
 def verify_captions(corpus: str | Path, max_problems: int = 50, manifest: dict | None = None,
@@ -201,13 +228,17 @@ def verify_captions(corpus: str | Path, max_problems: int = 50, manifest: dict |
     for files in committed_tables(corpus, manifest).values():
         if "images" not in files:
             continue
-        images = pq.read_table(files["images"], columns=IMAGE_COLUMNS).to_pylist()
+        names = set(pq.ParquetFile(files["images"]).schema_arrow.names)
+        images = pq.read_table(files["images"], columns=IMAGE_COLUMNS + [
+            c for c in OPTIONAL_IMAGE_COLUMNS if c in names]).to_pylist()
+        facts = _projection_facts(files)
         regions = pq.read_table(files["regions"]).to_pylist() if "regions" in files else []
         by_image: dict[str, list] = {}
         for r in regions:
             by_image.setdefault(r["image_id"], []).append(r)
             blind_rows.append((r["image_id"], r["caption_region"], r["negatives"]))
         for image in images:
+            image.update(facts.get(image["series_key"], {}))
             vocab = load_vocab(image["caption_version"] or "v1")
             _check_image(image, by_image.get(image["image_id"], []), vocab, tally, problems,
                          manifest.get("caption_seed"))

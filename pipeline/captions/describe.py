@@ -13,6 +13,11 @@ v1 picks the changed value from fixed confuser lists. v2 (the default) names eac
 the structure vocabulary's display phrase ("the left adrenal gland"), states a measured side
 only for unpaired lesions, and draws each negative's value from per-structure priors
 (:mod:`pipeline.captions.negatives`), so that negatives read like positives.
+
+Projection images (an image row with ``projection``: CR, DX, MG, US, ...) are captioned with the
+``projection_*`` templates: the position in the image, a side only when PatientOrientation gave
+one, mm only when the header gave a pixel spacing; the summary names the view and body part
+only when ViewPosition / BodyPartExamined did ("Frontal (PA) chest radiograph showing ...").
 """
 
 from __future__ import annotations
@@ -49,30 +54,43 @@ def label_words(label: str, vocab: dict) -> tuple[str, str]:
     return f"the {noun}", noun
 
 
+def _intensity_words(a: dict, vocab: dict, modality: str) -> dict:
+    table = vocab["projection_intensity_words" if a.get("image_position") else "intensity_words"]
+    return table.get(modality, table["*"])
+
+
 def render_region(a: dict, template: str, vocab: dict, modality: str) -> str:
     """One caption from attributes ``a`` and a template string."""
-    words = vocab["intensity_words"].get(modality, vocab["intensity_words"]["*"])
+    words = _intensity_words(a, vocab, modality)
     side = vocab["laterality_words"].get(a["laterality"] or "", "")
     if is_sided(a["label"], vocab):  # the phrase names the structure's own side
         side = ""
     phrase, noun = label_words(a["label"], vocab)
     loc = f"{a['location_relation']} the {a['location']}" if a.get("location") else ""
-    diameter = a.get("diameter_text") or f"{a['max_diameter_mm']:.0f}"
+    diameter = a.get("diameter_text") or (
+        "" if a["max_diameter_mm"] is None else f"{a['max_diameter_mm']:.0f}")
     text = template.format(
         size=a["size_class"], Size=_cap(a["size_class"]), intensity=words[a["intensity_class"]],
         label=a["label"], Label=_cap(a["label"]), location=loc, side=side,
         phrase=phrase, Phrase=_cap(phrase), noun=noun, Noun=_cap(noun),
-        diameter=diameter, shape=vocab["shape_words"][a["shape_class"]])
+        diameter=diameter, shape=vocab["shape_words"][a["shape_class"]],
+        position=a.get("image_position") or "")
     text = " ".join(text.replace(" ,", ",").split()).replace(", .", ".").replace(" :", ":")
     return re.sub(r",([:.,])", r"\1", text)  # an empty {side} before ":" / "." / ","
 
 
-def _templates(a: dict, vocab: dict) -> list[str]:
-    return vocab["region_templates"] if a["is_lesion"] else vocab["organ_templates"]
+def templates_of(a: dict, vocab: dict) -> list[str]:
+    """The templates a region's caption is drawn from: lesion or organ; on a projection image
+    (``image_position`` set) the projection ones, with mm only when a diameter in mm exists."""
+    kind = "region_templates" if a["is_lesion"] else "organ_templates"
+    if a.get("image_position"):
+        mm = "_mm" if a["max_diameter_mm"] is not None else ""
+        return vocab[f"projection_{kind}{mm}"]
+    return vocab[kind]
 
 
 def template_for(region_id: str, a: dict, vocab: dict, seed: int) -> str:
-    ts = _templates(a, vocab)
+    ts = templates_of(a, vocab)
     return ts[_pick(region_id, len(ts), seed)]
 
 
@@ -131,6 +149,13 @@ def shows(kind: str, a: dict, template: str, vocab: dict) -> bool:
     return any(p in template for p in PLACEHOLDERS[kind])
 
 
+def _side_unknown(kind: str, a: dict, vocab: dict) -> bool:
+    """A projection image's region without a known side (no PatientOrientation): a side
+    negative would not be false, only unverifiable, so none is made."""
+    return (kind == "laterality" and a.get("image_position") is not None
+            and a["laterality"] is None and not is_sided(a["label"], vocab))
+
+
 def _sampled_negatives(a: dict, template: str, others: list[dict], vocab: dict, modality: str,
                        seed: int, key: str, contrast=None,
                        scale: float = 0.0) -> tuple[list[str], list[str]]:
@@ -140,7 +165,7 @@ def _sampled_negatives(a: dict, template: str, others: list[dict], vocab: dict, 
     present = {o["label"] for o in others}
     texts, kinds = [], []
     for kind in NEGATIVE_KINDS:
-        if not shows(kind, a, template, vocab):
+        if not shows(kind, a, template, vocab) or _side_unknown(kind, a, vocab):
             continue
         for value in sampled_values(kind, a, template, present, vocab, seed, key, contrast,
                                     scale):
@@ -194,6 +219,30 @@ def _body(image: dict, attrs: list[dict], vocab: dict) -> str:
     return "body"
 
 
+def _image_phrase(image: dict, vocab: dict) -> str:
+    """"frontal (PA) chest radiograph": the view and body part only when the header named
+    them (ViewPosition, BodyPartExamined), then the modality's noun."""
+    view = vocab["view_words"].get(image.get("view_position") or "", "")
+    part = (image.get("body_part") or "").upper().replace(" ", "")
+    body = vocab["body_part_words"].get(part, part.lower()) if part else ""
+    nouns = vocab["projection_nouns"]
+    return " ".join(w for w in (view, body, nouns.get(image["modality"], nouns["*"])) if w)
+
+
+def _projection_texts(image: dict, findings: str, items: str, contrast: str,
+                      vocab: dict, seed: int) -> tuple[str, str]:
+    """The summary and report of a projection image: the view, spacing and contrast the header
+    gave; ``items``: the numbered findings text."""
+    ts = vocab["projection_summary_templates"]
+    t = ts[_pick(image["image_id"], len(ts), seed)]
+    summary = t.format(Image=_cap(_image_phrase(image, vocab)), findings=findings)
+    report = vocab["projection_report_template"].format(
+        modality=image["modality"], view=image.get("view_position") or "not recorded",
+        spacing="from the header" if image.get("spacing_known") else "not recorded",
+        contrast=contrast, findings=items)
+    return summary, report
+
+
 def summary_and_report(image: dict, attrs: list[dict], captions: list[str], vocab: dict,
                        seed: int) -> tuple[str, str]:
     """The image's one-sentence summary and its structured report paragraph."""
@@ -207,18 +256,20 @@ def summary_and_report(image: dict, attrs: list[dict], captions: list[str], voca
         findings = "no focal lesion; visible structures: " + ", ".join(organs)
     else:
         findings = "no labelled structure"
-    body = _body(image, attrs, vocab)
-    ts = vocab["summary_templates"]
-    t = ts[_pick(image["image_id"], len(ts), seed)]
-    summary = t.format(Plane=_cap(image["plane"]), plane=image["plane"],
-                       Modality=image["modality"], modality=image["modality"], body=body,
-                       findings=findings)
     contrast = {True: "intravenous contrast", False: "none recorded"}.get(image.get("contrast"),
                                                                          "not recorded")
     items = _findings(attrs, captions) or [findings[0].upper() + findings[1:] + "."]
     body_text = " ".join(f"({i}) {c}" for i, c in enumerate(items, 1))
     if organs and lesions:
         body_text += " Visible structures: " + ", ".join(organs) + "."
+    if image.get("projection"):
+        return _projection_texts(image, findings, body_text, contrast, vocab, seed)
+    body = _body(image, attrs, vocab)
+    ts = vocab["summary_templates"]
+    t = ts[_pick(image["image_id"], len(ts), seed)]
+    summary = t.format(Plane=_cap(image["plane"]), plane=image["plane"],
+                       Modality=image["modality"], modality=image["modality"], body=body,
+                       findings=findings)
     report = vocab["report_template"].format(
         modality=image["modality"], plane=image["plane"],
         thickness=f"{float(image['slice_thickness_mm']):.1f}", contrast=contrast,
@@ -235,6 +286,8 @@ def describe_image(image: dict, pixels, regions: list[dict], seed: int = 0,
     if body is None and regions and vocab.get("priors"):  # v2 size negatives need the body
         body = body_mask(to_uint8(pixels))
     scale = body_scale_mm(body, image["pixel_spacing_mm"])
+    if image.get("projection") and not image.get("spacing_known"):
+        scale = 0.0  # no mm on this image: no size negative drawn in mm
     attrs = derive_attributes(image, pixels, regions, vocab, trust_rows=True, body=body,
                               masks=masks)
     captions = []

@@ -49,7 +49,7 @@ from types import MappingProxyType
 
 VOCAB_DIR = Path(__file__).resolve().parent
 SIDES = ("left", "right", "none")
-CATEGORIES = ("organ", "vessel", "bone", "muscle", "lesion", "other")
+CATEGORIES = ("organ", "vessel", "bone", "muscle", "lesion", "other", "finding")
 #: Side words (whole tokens, after casefolding) and the side they name.
 SIDE_WORDS: dict[str, str] = {
     **dict.fromkeys(("left", "lt", "l", "sin", "sx"), "left"),

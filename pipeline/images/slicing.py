@@ -360,7 +360,8 @@ def _cut_slice(values, labels, affine, shape, plane, index, specs, cfg) -> list[
     return out
 
 
-def cut_images(volume, cfg: SliceConfig | None = None) -> list[SliceImage]:
+def cut_images(volume, cfg: SliceConfig | None = None,
+               also: dict[str, set[int]] | None = None) -> list[SliceImage]:
     """The slicing stage: cut a Volume into windowed, resized, PNG-encoded 2D images.
 
     Windows come from :func:`pipeline.images.windows.windows_for` (computed once per volume). For each
@@ -371,6 +372,8 @@ def cut_images(volume, cfg: SliceConfig | None = None) -> list[SliceImage]:
     Windowing is per slice, after the resize: windowing the whole volume once per window up front
     measured 2x slower (251 vs 123 ms for every 4th of 240 512×512 slices) because most slices
     are never cut; windowing a contiguous slice costs ~0.35 ms against ~4 ms to encode it.
+
+    ``also``: plane → further slice indices to cut (the slices annotation tables drew on).
 
     Returns:
         SliceImages ordered by plane (config order), slice index, then window (spec order).
@@ -388,6 +391,9 @@ def cut_images(volume, cfg: SliceConfig | None = None) -> list[SliceImage]:
         n = array.shape[PLANE_AXIS[plane]]
         has = label_presence(labels, plane) if labels is not None else np.zeros(n, dtype=bool)
         chosen = select_slices(has, cfg.every_k)
+        extra = sorted(i for i in (also or {}).get(plane, ()) if 0 <= i < n)
+        if extra:
+            chosen = np.union1d(chosen, np.asarray(extra, np.int64))
         label_slices = iter_plane_slices(labels, plane, chosen) if labels is not None else None
         for index, values in iter_plane_slices(array, plane, chosen):
             lab = next(label_slices)[1] if label_slices is not None else None

@@ -3,6 +3,11 @@
 CT volumes are windowed with fixed presets in Hounsfield units (:data:`CT_WINDOWS`, given as
 (width, level)). Every other modality (MR, PT, ...) gets one ``"percentile"`` window computed once
 per *volume* (never per slice), so that all slices of a volume share one intensity mapping.
+Projection images (CR, DX, MG, US, ...: ``meta["projection"]``) use the header's own display
+range when it has one (:data:`HEADER_WINDOW`: WindowCenter/Width or a VOI LUT's input range,
+validated and carried through MONOCHROME1 inversion by the reader, see
+``pipeline.ingest.deid.voi_window``), else the percentile window; a header window under which
+the image shows nothing (:func:`is_blank`) is not used either.
 
 The mapping (:func:`apply_range`, :func:`apply_window`) is a linear ramp from ``lo`` to ``hi``::
 
@@ -33,6 +38,9 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 
 #: Number of voxels :func:`percentile_range` looks at, at most (deterministic strided subsample).
 MAX_PERCENTILE_SAMPLES = 1 << 20
+
+#: Window name of a projection image rendered with its header's VOI (window or VOI LUT range).
+HEADER_WINDOW = "header"
 
 _OUT_TYPES = {8: np.uint8, 16: np.uint16}
 
@@ -175,9 +183,13 @@ def windows_for(
         percentiles: (lo, hi) percentiles for every other modality.
 
     Returns:
-        CT: one spec per preset, in the given order. Otherwise: a single ``"percentile"`` spec
+        CT: one spec per preset, in the given order. A projection image with a header window
+        (:func:`header_window`): that one spec. Otherwise: a single ``"percentile"`` spec
         from :func:`percentile_range` over the whole ``volume.array`` (all frames of a 4D one).
     """
+    header = header_window(volume)
+    if header is not None:
+        return [header]
     if str(volume.modality).upper() == "CT":
         if isinstance(ct_windows, str) or len(ct_windows) == 0:
             raise ValueError(
@@ -186,6 +198,23 @@ def windows_for(
         return [ct_window_spec(name) for name in ct_windows]
     vmin, vmax = percentile_range(volume.array, percentiles[0], percentiles[1])
     return [WindowSpec("percentile", vmin, vmax)]
+
+
+def header_window(volume) -> WindowSpec | None:
+    """The :data:`HEADER_WINDOW` spec of a projection volume (``meta["projection"]``) from the
+    reader's validated ``voi_min`` / ``voi_max`` (finite, min < max), when the volume's first
+    frame shows something under it; else None."""
+    meta = getattr(volume, "meta", None) or {}
+    if not meta.get("projection") or meta.get("voi_min") is None:
+        return None
+    vmin, vmax = float(meta["voi_min"]), float(meta["voi_max"])
+    if not (math.isfinite(vmin) and math.isfinite(vmax) and vmax > vmin):
+        return None
+    array = np.asarray(volume.array)
+    first = array[..., 0] if array.ndim == 4 else array
+    if is_blank(apply_range(first, vmin, vmax)):
+        return None
+    return WindowSpec(HEADER_WINDOW, vmin, vmax)
 
 
 def is_blank(pixels: np.ndarray) -> bool:

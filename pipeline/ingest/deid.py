@@ -57,6 +57,13 @@ RETAINED: dict[str, tuple[str, str]] = {
     "SeriesInstanceUID": ("U", "replaced by HMAC pseudonym `series_key`"),
     "FrameOfReferenceUID": ("U", "replaced by HMAC pseudonym `frame_key`"),
     "SOPInstanceUID": ("U", "replaced by HMAC pseudonym (instance keys, never stored raw)"),
+    "WindowCenter": ("not listed", "first value, kept when finite (`voi_*`, see voi_window)"),
+    "WindowWidth": ("not listed", "first value, kept when finite and > 0 (`voi_*`)"),
+    "VOILUTFunction": ("not listed", "kept only as a defined term (VOI_FUNCTIONS)"),
+    "VOILUTSequence": ("not listed", "LUTDescriptor's input range only (`voi_*`)"),
+    "ViewPosition": ("not listed", "kept only as a defined term (VIEW_POSITIONS)"),
+    "PatientOrientation": ("not listed", "kept only as two direction codes (A P R L H F)"),
+    "ImageLaterality": ("not listed", "kept only as L, R, B or U (else Laterality: L or R)"),
 }
 
 _SAFE_TEXT = re.compile(r"[^A-Za-z0-9 .\-]")
@@ -171,6 +178,15 @@ PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "
                          "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT",
                          "YBR_RCT", "HSV", "ARGB", "CMYK"})
 _UID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))*")  # PS3.5 9.1, at most 64 characters
+VIEW_POSITIONS = frozenset("""
+    AP PA LL RL RLD LLD RLO LLO LAT LATERAL
+    CC MLO ML LM LMO FB SIO XCC XCCL XCCM
+""".split())  # PS3.3 C.8.11.5.1.1 (DX) and the mammography views of CID 4014; LAT/LATERAL as used
+LATERALITIES = frozenset({"L", "R", "B", "U"})  # ImageLaterality (0020,0062): B both, U unpaired
+VOI_FUNCTIONS = frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})  # PS3.3 C.11.2.1.3
+_DIRECTION = re.compile(r"[APRLHF]{1,3}")  # PS3.3 C.7.6.1.1.1: one to three direction letters
+#: The meta keys (and series columns) of the header's display range (:func:`voi_window`).
+VOI_KEYS = ("voi_source", "voi_function", "voi_min", "voi_max")
 
 
 def _get(ds, keyword: str):
@@ -253,9 +269,89 @@ def clean_dicom_meta(ds, deid: Deidentifier) -> dict:
         "transfer_syntax": _uid(meta, "TransferSyntaxUID") if meta is not None else None,
         "contrast": bool(str(_get(ds, "ContrastBolusAgent") or "").strip()),
         "study_date_shifted": deid.shift_date(_get(ds, "StudyDate") or "", patient_key),
+        "view_position": _term(ds, "ViewPosition", VIEW_POSITIONS),
+        "patient_orientation": patient_orientation(ds),
+        "image_laterality": (_term(ds, "ImageLaterality", LATERALITIES)
+                             or _term(ds, "Laterality", frozenset({"L", "R"}))),
+        **voi_window(ds),
         "deid_key_id": deid.key_id,
         "deid_method": "PS3.15 E basic; retain-list; modified dates; known terms only",
     }
+
+
+def patient_orientation(ds) -> list[str] | None:
+    """PatientOrientation (0020,0020) as [row direction, column direction], each one to three
+    of the letters A P R L H F (e.g. ["L", "F"]: columns run toward the patient's Left, rows
+    toward the Feet); anything else (free text, one value, a name) → None."""
+    value = _get(ds, "PatientOrientation")
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        parts = [str(v).strip().upper() for v in value]
+    except TypeError:
+        return None
+    if len(parts) != 2 or not all(_DIRECTION.fullmatch(v) for v in parts):
+        return None
+    return parts
+
+
+def _first_float(value) -> float | None:
+    """The first value of a (possibly multi-valued) numeric element, finite, else None."""
+    if value is not None and not isinstance(value, (str, bytes)):
+        try:
+            value = value[0] if len(value) else None
+        except TypeError:
+            pass
+    try:
+        out = None if value in (None, "") else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return out if out is not None and math.isfinite(out) else None
+
+
+def _lut_range(ds) -> tuple[float, float] | None:
+    """The input range of the first VOI LUT: first mapped value .. first + entries − 1
+    (LUTDescriptor; 0 entries means 65536; a first value ≥ 2**15 is negative for signed
+    pixels), else None."""
+    seq = _get(ds, "VOILUTSequence")
+    try:
+        desc = [int(v) for v in seq[0].get("LUTDescriptor")] if seq else None
+    except Exception:  # an empty or malformed item: pydicom may raise anything
+        return None
+    if not desc or len(desc) != 3 or not 0 <= desc[0] < 65536 or not 0 <= desc[1] < 65536:
+        return None
+    entries, first = desc[0] or 65536, desc[1]
+    if _get(ds, "PixelRepresentation") == 1 and first >= 32768:
+        first -= 65536
+    return (float(first), float(first + entries - 1)) if entries > 1 else None
+
+
+def voi_window(ds) -> dict:
+    """The header's display range (PS3.3 C.11.2) in modality values, before any MONOCHROME1
+    inversion: ``voi_source`` ("window", "lut" or None), ``voi_function``, ``voi_min``,
+    ``voi_max``.
+
+    WindowCenter c / WindowWidth w (first pair; finite, w > 0): LINEAR maps
+    c − 0.5 − (w − 1)/2 → black and c − 0.5 + (w − 1)/2 → white (w ≥ 1, else not kept);
+    LINEAR_EXACT c ∓ w/2. SIGMOID is approximated by its tangent at the centre, which
+    reaches black and white at c ∓ w/2 (the LINEAR_EXACT ramp): the curve's soft shoulders
+    are clipped. Without a window, a VOI LUT Sequence's input range is ramped linearly (the
+    LUT's own curve is not applied). Neither → all None (percentile fallback)."""
+    none = dict.fromkeys(VOI_KEYS)
+    c = _first_float(_get(ds, "WindowCenter"))
+    w = _first_float(_get(ds, "WindowWidth"))
+    function = _term(ds, "VOILUTFunction", VOI_FUNCTIONS) or "LINEAR"
+    if c is not None and w is not None and w > 0 and not (function == "LINEAR" and w < 1):
+        if function == "LINEAR":
+            lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+        else:
+            lo, hi = c - w / 2, c + w / 2
+        if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+            return dict(zip(VOI_KEYS, ("window", function, lo, hi), strict=True))
+    lut = _lut_range(ds)
+    if lut is not None:
+        return dict(zip(VOI_KEYS, ("lut", None, lut[0], lut[1]), strict=True))
+    return none
 
 
 def burned_in_risk(ds) -> bool:

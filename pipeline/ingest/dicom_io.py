@@ -6,6 +6,8 @@ whose first bytes look like a DICOM data set (a group 0x0002/0x0008 tag), never 
 
 from __future__ import annotations
 
+import datetime
+import re
 import struct
 import warnings
 import zlib
@@ -74,6 +76,13 @@ class Header:
     enhanced: bool = False
     has_pixels: bool = True
     burned_in: bool = False  # pipeline.ingest.deid.burned_in_risk of this header
+    # What annotation tables and reports are joined on (pipeline/run/attach.py). Raw in a
+    # scan's memory only; :func:`pipeline.ingest.discover.key_header` keys them (HMAC) before
+    # they leave the scan, and the file index keeps the keyed values. "" when absent or invalid.
+    sop_uid: str = ""
+    study_uid: str = ""
+    accession: str = ""
+    patient_date: str = ""  # "<PatientID>|<StudyDate YYYYMMDD>" when both are present
 
     @property
     def declared_bytes(self) -> int:
@@ -228,7 +237,38 @@ def header_from_dataset(ds) -> Header:
         referenced_series=_label_reference(ds, kind),
         enhanced=sop.startswith(ENHANCED_PREFIXES) or "PerFrameFunctionalGroupsSequence" in ds,
         has_pixels=has_pixel_data(ds), burned_in=burned_in_risk(ds),
+        sop_uid=_uid_or_empty(get_value(ds, "SOPInstanceUID")),
+        study_uid=_shared(_uid_or_empty(get_value(ds, "StudyInstanceUID"))),
+        accession=_shared(_short_text(get_value(ds, "AccessionNumber"))),
+        patient_date=_shared(patient_date(ds)),
     )
+
+
+def _uid_or_empty(value) -> str:
+    """A UID value as text when it is a valid UID, else "" (join keys must be real UIDs)."""
+    text = str(value or "").strip()
+    return text if is_uid(text) else ""
+
+
+def _short_text(value, limit: int = 64) -> str:
+    """A short identifier (AccessionNumber: SH, 16 chars; some sites write more) stripped, or ""
+    when absent or longer than ``limit`` (then it is not an identifier)."""
+    text = str(value or "").strip()
+    return text if 0 < len(text) <= limit else ""
+
+
+def patient_date(ds) -> str:
+    """"<PatientID>|<StudyDate>" (StudyDate as YYYYMMDD, a real date) or "" when either is
+    missing or invalid: the raw form of the reports' ``patient_date`` join key."""
+    pid = _short_text(get_value(ds, "PatientID"))
+    date = str(get_value(ds, "StudyDate") or "").strip()
+    if not pid or not re.fullmatch(r"\d{8}", date):
+        return ""
+    try:
+        datetime.date(int(date[:4]), int(date[4:6]), int(date[6:]))
+    except ValueError:
+        return ""
+    return f"{pid}|{date}"
 
 
 def check_budget(header: Header, budget_bytes: int, path: object = None) -> None:

@@ -83,6 +83,14 @@ def _stored_ends(ds) -> np.ndarray:
     return np.array([[[0, 2**bits - 1]]], dtype=np.int64)
 
 
+def inversion_sum(ds, path: object = None) -> float:
+    """``lo + hi`` of a MONOCHROME1 object's inversion v → lo + hi − v (the stored range's
+    ends through the modality LUT): a header window [a, b] on the values before the inversion
+    is [lo + hi − b, lo + hi − a] on the values after it."""
+    lo, hi = _modality_lut(_stored_ends(ds), ds, path).ravel()[:2].astype(np.float64)
+    return float(lo + hi)
+
+
 def _invert_monochrome1(values: np.ndarray, ds, path) -> np.ndarray:
     """MONOCHROME1 shows low values bright: map v to (lo + hi − v), where lo/hi are the stored
     range's ends passed through the same modality LUT, so the result keeps modality units."""

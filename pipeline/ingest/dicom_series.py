@@ -31,6 +31,11 @@ POS_TOL = 1e-3  # mm: positions closer than this along n are the same slice
 TILT_TOL = 0.05  # mm of in-plane drift per slice tolerated before calling it gantry tilt
 LINE_TOL = 0.05  # mm: largest distance of a slice position from the line through the stack
 
+#: Projection (2D) modalities: an image of one of these without ImagePositionPatient /
+#: ImageOrientationPatient is a projection image (so is any single-frame image without them):
+#: no 3D geometry, stored orientation, header window, captions without invented mm or side.
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA", "IO", "PX", "US"})
+
 
 @dataclass
 class Plane:
@@ -67,6 +72,16 @@ def _spacing(ds_or_item, path) -> tuple[float, float] | None:
         if sp is not None:
             return sp
     return None
+
+
+def projection_facts(ds, planes: list[Plane], modality: str, path: object = None) -> dict:
+    """``projection``: the planes carry no position or orientation and the modality is a
+    projection one (:data:`PROJECTION_MODALITIES`) or there is a single frame;
+    ``spacing_known``: PixelSpacing or ImagerPixelSpacing was present (else the nominal 1 mm
+    of :func:`_no_geometry` is not a measurement)."""
+    no_geometry = all(p.iop is None or p.ipp is None for p in planes)
+    projection = no_geometry and (modality in PROJECTION_MODALITIES or len(planes) == 1)
+    return {"projection": bool(projection), "spacing_known": _spacing(ds, path) is not None}
 
 
 def _frame_plane(pixels, item, shared, order, path) -> Plane:

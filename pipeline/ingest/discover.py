@@ -343,7 +343,22 @@ def key_header(e: FileEntry, deid: Deidentifier, shared: dict | None = None) -> 
                        referenced_series=keyed(h.referenced_series),
                        sop_class=h.sop_class if is_uid(h.sop_class) else "",
                        transfer_syntax=ts,
-                       modality=h.modality if h.modality in MODALITIES else "OT")
+                       modality=h.modality if h.modality in MODALITIES else "OT",
+                       sop_uid=deid.pseudonym("uid", h.sop_uid) if h.sop_uid else "",
+                       study_uid=keyed(h.study_uid),
+                       accession=keyed_as("accession", h.accession, deid, shared),
+                       patient_date=keyed_as("patient-date", h.patient_date, deid, shared))
+
+
+def keyed_as(kind: str, value: str, deid: Deidentifier, shared: dict) -> str:
+    """``deid.pseudonym(kind, value)`` ("" for ""), one object per distinct value in ``shared``:
+    the join keys of reports (``accession``, ``patient-date``), keyed as report tables key them
+    (:func:`pipeline.reports.tables.report_key`)."""
+    if not value:
+        return ""
+    if (kind, value) not in shared:
+        shared[(kind, value)] = deid.pseudonym(kind, value)
+    return shared[(kind, value)]
 
 
 def scan_headers(batch: list[FileEntry], deid: Deidentifier | None = None) -> list[FileEntry]:

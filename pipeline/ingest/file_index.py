@@ -25,7 +25,8 @@ CONTENT_REASONS = frozenset({"not_medical", "unreadable", "truncated", "encoding
                              "size_budget"})
 _HEADER_COLUMNS = ("sop_class", "modality", "rows", "cols", "frames", "samples",
                    "bits_allocated", "transfer_syntax", "instance_number", "enhanced",
-                   "has_pixels", "burned_in")
+                   "has_pixels", "burned_in", "sop_uid", "study_uid", "accession",
+                   "patient_date")
 
 
 def _kept(e: FileEntry) -> bool:

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import IngestError
-from pipeline.ingest.deid import Deidentifier, clean_dicom_meta
+from pipeline.ingest.deid import VOI_KEYS, Deidentifier, clean_dicom_meta
 from pipeline.ingest.dicom_io import (
     Header,
     check_budget,
@@ -34,8 +34,8 @@ from pipeline.ingest.dicom_io import (
     header_from_dataset,
     read_header,
 )
-from pipeline.ingest.dicom_pixels import frames_of
-from pipeline.ingest.dicom_series import assemble, planes_of
+from pipeline.ingest.dicom_pixels import frames_of, inversion_sum
+from pipeline.ingest.dicom_series import assemble, planes_of, projection_facts
 from pipeline.ingest.dicom_values import get_value
 from pipeline.ingest.mosaic import mosaic_count, mosaic_planes
 from pipeline.ingest.nifti_voxels import (
@@ -72,6 +72,12 @@ class SeriesRead:
     volume: Volume | None
     file_errors: dict[int, IngestError] = field(default_factory=dict)
     error: IngestError | None = None
+    # Where each stored frame went, for annotations drawn on frames (pipeline/roi/annotated.py):
+    # (file position in ``paths``, frame number in the file) → (k, t), the frame's slice and
+    # time index in the assembled (cols, rows, K[, T]) array, and ``grid_affine``, that array's
+    # voxel → RAS mm (before reorientation). Empty / None for a resampled (tilted) stack.
+    frames: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    grid_affine: np.ndarray | None = None
 
 
 def is_nifti(path: os.PathLike | str) -> bool:
@@ -126,14 +132,41 @@ def _planes(ds, path) -> list:
     return planes_of(ds, frames, path) if n is None else mosaic_planes(ds, frames, n, path)
 
 
-def _decode_planes(datasets, errors: dict) -> list:
+def _decode_planes(datasets, errors: dict, owners: list | None = None) -> list:
+    """Every plane of ``datasets``; ``owners`` (when given) gets each plane's file position."""
     planes = []
     for i, ds in datasets:
         try:
-            planes.extend(_planes(ds, ds.filename))
+            got = _planes(ds, ds.filename)
         except IngestError as e:
             errors[i] = e
+            continue
+        planes.extend(got)
+        if owners is not None:
+            owners.extend([i] * len(got))
     return planes
+
+
+def frame_slots(planes, owners, affine_lps: np.ndarray, shape) -> dict:
+    """(file position, frame number) → (k, t) in the assembled array (see SeriesRead).
+
+    With geometry a plane's k is where its ImagePositionPatient falls along the stack
+    (``affine_lps⁻¹``); without, frames of one object are its T axis. Frames of a multi-echo
+    stack (T > 1 with geometry) are left out: which echo a frame became is not recorded."""
+    four_d = len(shape) == 4
+    if all(p.ipp is None for p in planes):
+        ordered = sorted(range(len(planes)), key=lambda i: planes[i].order)
+        return {(owners[i], planes[i].order[1]): (0, t if four_d else 0)
+                for t, i in enumerate(ordered)}
+    if four_d:
+        return {}
+    inv = np.linalg.inv(affine_lps)
+    out = {}
+    for p, owner in zip(planes, owners, strict=True):
+        k = float((inv @ np.append(np.asarray(p.ipp, float), 1.0))[2])
+        if abs(k - round(k)) < 0.05 and 0 <= round(k) < shape[2]:
+            out[(owner, p.order[1])] = (int(round(k)), 0)
+    return out
 
 
 def check_signal(array: np.ndarray, path: object = None) -> None:
@@ -170,6 +203,23 @@ def _facts(ds, planes) -> dict:
     }
 
 
+def _carry_voi(meta: dict, ds, path) -> None:
+    """The header window (``voi_min`` .. ``voi_max``, on values before the MONOCHROME1
+    inversion) carried through that inversion, so it stays on the volume's values; dropped
+    for colour images (a VOI applies to grey values only)."""
+    if meta.get("voi_min") is None:
+        return
+    if meta["color_to_luminance"]:
+        meta.update(dict.fromkeys(VOI_KEYS))
+    elif meta["inverted_monochrome1"]:
+        try:
+            total = inversion_sum(ds, path)
+        except IngestError:
+            meta.update(dict.fromkeys(VOI_KEYS))
+            return
+        meta["voi_min"], meta["voi_max"] = total - meta["voi_max"], total - meta["voi_min"]
+
+
 def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig(),
                       headers: list[Header] | None = None) -> SeriesRead:
     """Read the DICOM files ``paths`` (one series) into a canonical RAS+ :class:`Volume`.
@@ -181,7 +231,8 @@ def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig(),
     where = paths[0].parent if paths else None
     errors: dict[int, IngestError] = {}
     datasets = _read_datasets(paths, cfg, errors, headers)
-    planes = _decode_planes(datasets, errors)
+    owners: list[int] = []
+    planes = _decode_planes(datasets, errors, owners)
     if not planes:
         first = next(iter(errors.values()), None)
         err = first or IngestError("no_pixel_data", "series has no readable image", where)
@@ -189,16 +240,22 @@ def read_dicom_series(paths, deid: Deidentifier, cfg: ReadConfig = ReadConfig(),
     try:
         array, affine_lps = assemble(planes, where, cfg.min_slices)
         check_signal(array, where)
+        slots = frame_slots(planes, owners, affine_lps, array.shape)
         array, affine_lps, resampled = _orthogonal(array, affine_lps, cfg, where)
-        affine = LPS_TO_RAS @ affine_lps
+        affine = grid_affine = LPS_TO_RAS @ affine_lps
         check_affine(affine, where)
         array, affine = to_canonical(array, affine)
     except IngestError as e:
         return SeriesRead(None, errors, e)
+    if resampled:
+        slots, grid_affine = {}, None
     ds0 = datasets[0][1]
     meta = clean_dicom_meta(ds0, deid)
     meta.update(_facts(ds0, planes), n_files=len(datasets), resampled=resampled)
-    return SeriesRead(Volume(array, affine, meta["modality"], meta), errors)
+    meta.update(projection_facts(ds0, planes, meta["modality"], where))
+    _carry_voi(meta, ds0, where)
+    return SeriesRead(Volume(array, affine, meta["modality"], meta), errors, None, slots,
+                      grid_affine)
 
 
 def _nifti_modality(data: np.ndarray, hint: str | None) -> tuple[str, str]:

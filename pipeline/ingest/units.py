@@ -29,6 +29,10 @@ class UnitTask:
     identity: str = ""  # NIfTI pseudonym input
     modality: str | None = None  # collection-provided modality for NIfTI
     headers: list | None = None  # discovery's pipeline.ingest.dicom_io.Header per image file
+    # From --annotations (pipeline/run/attach.py): file index → its shapes
+    # (pipeline.labels.annotations.Shape); an empty list: listed with no finding
+    annotations: dict[int, list] | None = None
+    report: object | None = None  # pipeline.reports.tables.Report of the study (scrubbed text)
 
 
 

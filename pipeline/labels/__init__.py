@@ -2,4 +2,8 @@
 
 nifti.py    NIfTI label maps, per-structure mask folders, names sidecars (JSON)
 dicom.py    RTSTRUCT contours rasterised, DICOM SEG frames placed
+annotations.py      annotation tables (VinDr, RSNA, NIH, SIIM, COCO, custom SPEC) → keyed shapes
+annotation_spec.py  the SPEC grammar, reading CSV/Parquet, vetting rows
+annotation_coco.py  COCO JSON rows
+annotation_masks.py SIIM / COCO RLE and polygon → masks
 """

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.geometry import body_mask, body_midline_x, to_uint8
 from pipeline.images.png import decode_png
+from pipeline.roi.annotated import annotation_region_id
 from pipeline.roi.regions import RegionConfig, region_row
 
 
@@ -69,11 +70,12 @@ def needs_models(image: dict, prompts: dict, cfg: RegionConfig) -> bool:
 
 def model_inputs(images: list[dict], prompts: dict[str, list], cfg: RegionConfig) -> list[ModelInput]:
     """The :class:`ModelInput` of every image of ``images`` the models look at (CPU side;
-    ``prompts``: image_id → [(label, value, XYXY)] from the label maps)."""
+    ``prompts``: image_id → [(label, value, XYXY[, extra])] from the label maps and
+    annotation tables)."""
     out = []
     for im in images:
         if needs_models(im, prompts, cfg):
-            boxes = [box for _, _, box in prompts.get(im["image_id"], [])]
+            boxes = [p[2] for p in prompts.get(im["image_id"], [])]
             out.append(ModelInput(im["image_id"], to_uint8(decode_png(im)),
                                   np.array(boxes, np.float32).reshape(-1, 4)))
     return out
@@ -136,10 +138,11 @@ class Regions:
         self.outputs, self.cfg = outputs, cfg
 
     def _items(self, image_id, prompts, det) -> list[tuple]:
-        items = [(lab, val, box, "boxes", None) for lab, val, box in prompts.get(image_id, [])]
+        items = [(p[0], p[1], p[2], "boxes", None, p[3] if len(p) > 3 else None)
+                 for p in prompts.get(image_id, [])]
         if det is not None:
             boxes, scores, labels = det
-            items += [(lab, None, [float(v) for v in box], "detector", float(s))
+            items += [(lab, None, [float(v) for v in box], "detector", float(s), None)
                       for box, s, lab in zip(boxes, scores, labels, strict=True)]
         return items
 
@@ -152,7 +155,7 @@ class Regions:
         midline = body_midline_x(image["pixel_to_ras"], body)
         name, sha = self.outputs.segmenter, self.outputs.checkpoint_sha256
         rows = []
-        for k, (label, value, box, source, conf) in enumerate(items):
+        for k, (label, value, box, source, conf, extra) in enumerate(items):
             mask = _box_mask(shape, box) if masks is None else masks[k]
             iou = None if ious is None or np.isnan(ious[k]) else float(ious[k])
             if masks is not None and (not mask.any() or (iou is not None and iou < self.cfg.min_mask_score)):
@@ -162,6 +165,11 @@ class Regions:
                              segmenter=name, model_sha=sha)
             if masks is None:
                 row["mask_rle"] = None
+            if extra:  # an annotator's box (pipeline/roi/annotated.py): its source and columns
+                row.update(source=extra["source"],
+                           **{c: v for c, v in extra.items() if c != "source"})
+                row["region_id"] = annotation_region_id(image["image_id"], label,
+                                                        extra.get("reader_key"), box, name)
             rows.append(row)
         return rows
 

@@ -125,6 +125,7 @@ def region_row(image: dict, label: str, value: int | None, source: str, mask: np
     ext = extent(mask)
     area_px = int(mask[grow(ext, 0, mask.shape)].sum()) if ext else 0
     cen = centroid_ras(mask, image["pixel_to_ras"], ext) if area_px else [float("nan")] * 3
+    mm = image.get("spacing_known", True)  # a projection image without spacing: no mm
     return {
         "region_id": region_id(image["image_id"], source, label, bbox, segmenter),
         "image_id": image["image_id"], "unit_key": image["unit_key"],
@@ -132,8 +133,9 @@ def region_row(image: dict, label: str, value: int | None, source: str, mask: np
         "split": image["split"], "modality": image["modality"], "plane": image["plane"],
         "label": label, "label_value": value, "source": source,
         "bbox": [float(v) for v in bbox], "mask_rle": encode_rle(mask) if area_px else None,
-        "area_px": area_px, "area_mm2": area_px * float(spacing[0]) * float(spacing[1]),
-        "centroid_ras": cen, "max_diameter_mm": max_diameter_mm(mask, spacing, ext),
+        "area_px": area_px,
+        "area_mm2": area_px * float(spacing[0]) * float(spacing[1]) if mm else None,
+        "centroid_ras": cen, "max_diameter_mm": max_diameter_mm(mask, spacing, ext) if mm else None,
         "laterality": laterality(cen[0], midline_x, cfg.midline_band_mm) if area_px else None,
         "score": None if score is None else float(score), "segmenter": segmenter,
         "model_sha256": model_sha,

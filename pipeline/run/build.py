@@ -28,6 +28,7 @@ from pipeline.ingest.dicom_io import missing_decoders
 from pipeline.ingest.discover import FileEntry, local_roots, walk
 from pipeline.ingest.file_index import index_columns, reuse
 from pipeline.ingest.units import group_units
+from pipeline.run.attach import Tables, attach_tables, load_tables
 from pipeline.run.execute import quiet_libraries, run_local, run_ray
 from pipeline.run.scan import ray_running, scan, stop_ray
 from pipeline.run.shards import (
@@ -71,6 +72,7 @@ def resolved_config(cfg: BuildConfig) -> dict:
     for k in ("sources", "out", "key_file"):
         d.pop(k)
     d["collections"] = sorted({name for name, _ in cfg.collections})
+    d.update(cfg.tables_digest())  # the tables' content, not their paths
     if cfg.regions.detector:
         d["regions"]["detector"] = "sha256:" + file_sha256(cfg.regions.detector)
     d["pipeline_version"] = PIPELINE_VERSION
@@ -231,8 +233,8 @@ def _commit_discovery(out, entries, in_units: set[int], works: list[ShardWork],
         markers[name] = commit_shard(out, name, tables, table_stats(tables), {})
 
 
-def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set
-          ) -> tuple[int, list[ShardWork], dict, Resume]:
+def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set,
+          tables: Tables | None = None) -> tuple[int, list[ShardWork], dict, Resume]:
     """Discover, check the committed shards (:func:`_verify`), cut the pending units into
     shards, commit the discovery rows → (files found, pending shards, manifest fields of the
     discovery: missing decoders and header-scan counts, resume report).
@@ -241,6 +243,7 @@ def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set
     collection: past this call only the pending shards' own entries stay referenced, and the
     Ray executor drops those once it has pickled them."""
     entries, tasks, missing, counts = _discover(cfg, deid)
+    joined = attach_tables(tasks, entries, tables, deid)
     resume = _verify(cfg.out, entries, tasks, markers)
     works = plan_shards(tasks, entries, markers, replaced, resume,
                         cfg.execution.units_per_shard)
@@ -250,7 +253,10 @@ def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set
     print(f"{len(entries)} files, {len(tasks)} series: {n_new} new in "
           f"{len(works) - len(resume.rebuild)} new shards, {len(resume.rebuild)} shards redone, "
           f"{len(resume.missing)} committed series not found", file=sys.stderr)
-    return len(entries), works, {"missing_decoders": missing, "header_scan": counts}, resume
+    found = {"missing_decoders": missing, "header_scan": counts}
+    if cfg.annotations or cfg.reports:
+        found.update(joined.manifest())
+    return len(entries), works, found, resume
 
 
 MANIFEST_EVERY_S = 5.0  # manifest refresh interval while shards commit
@@ -273,22 +279,28 @@ def build(cfg: BuildConfig) -> dict:
     quiet_libraries()
     deid = Deidentifier.from_env(cfg.key_file)
     check_out_dir(cfg, deid.key_id)
+    tables = None
+    if cfg.annotations or cfg.reports:
+        try:
+            tables = load_tables(cfg, deid)
+        except ValueError as e:  # fixed messages: a table that does not fit its format
+            raise RequestError(f"--annotations / --reports: {e}") from None
     storage.makedirs(cfg.out)
     remove_stale_temporaries(cfg.out)
     ray_before = ray_running()
     try:
         with local_roots(cfg.sources) as sources:
-            return _build(replace(cfg, sources=tuple(sources)), deid)
+            return _build(replace(cfg, sources=tuple(sources)), deid, tables)
     finally:
         if not ray_before:  # started by this build (the header scan or the series stage)
             stop_ray()
 
 
-def _build(cfg: BuildConfig, deid: Deidentifier) -> dict:
+def _build(cfg: BuildConfig, deid: Deidentifier, tables: Tables | None = None) -> dict:
     """:func:`build` once the sources are local folders (remote ones staged)."""
     timings, t = {}, time.monotonic()
     markers, replaced = committed_shards(cfg.out)
-    n_found, pending, found, resume = _plan(cfg, deid, markers, replaced)
+    n_found, pending, found, resume = _plan(cfg, deid, markers, replaced, tables)
     timings["discover"] = round(time.monotonic() - t, 3)
     extra = {**found, "config_hash": cfg.config_hash(),
              "config": resolved_config(cfg), **_provenance(cfg)}

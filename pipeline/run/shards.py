@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.captions.describe import describe_all
+from pipeline.captions.grounded import ground_captions
 from pipeline.config import BuildConfig
 from pipeline.errors import IngestError
 from pipeline.ingest.discover import FileEntry
@@ -109,6 +110,7 @@ def shard_tables(work: ShardWork, results: dict[str, UnitResult], cfg: BuildConf
             found = models(res.images, res.prompts)
             describe_all(res.images, [*res.regions, *found.regions], cfg.caption_seed,
                          found.pixels, found.bodies)
+            ground_captions(res.images, [*res.regions, *found.regions], res.report)
             regions.extend(found.regions)
     return {"files": files, "series": series, "images": images, "regions": regions}
 

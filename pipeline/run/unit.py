@@ -18,14 +18,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from pipeline.captions.attributes import PROJECTION_FACTS
 from pipeline.captions.describe import describe_image
+from pipeline.captions.grounded import ground_captions, unit_report
 from pipeline.captions.structures import safe_label_names
 from pipeline.config import PIPELINE_VERSION, BuildConfig
 from pipeline.errors import SKIP_REASONS, IngestError
 from pipeline.geometry import body_mask, present_values, to_uint8
 from pipeline.images.png import decode_png
-from pipeline.images.slicing import SliceConfig, cut_images
-from pipeline.ingest.deid import Deidentifier
+from pipeline.images.slicing import PLANE_AXIS, SliceConfig, cut_images
+from pipeline.ingest.deid import VOI_KEYS, Deidentifier
 from pipeline.ingest.dicom_io import dcmread_safe
 from pipeline.ingest.discover import as_filesystem
 from pipeline.ingest.read import read_dicom_series, read_nifti
@@ -33,6 +35,7 @@ from pipeline.ingest.units import UnitTask
 from pipeline.ingest.volume import Volume
 from pipeline.labels.dicom import rasterize_rtstruct, read_dicom_seg
 from pipeline.labels.nifti import label_names_from_json, read_mask_folder, read_nifti_labels
+from pipeline.roi.annotated import annotation_regions, frame_to_image
 from pipeline.roi.regions import label_prompts, label_regions
 
 
@@ -47,6 +50,7 @@ class UnitResult:
     prompts: dict[str, list] = field(default_factory=dict)  # image_id → [(label, value, XYXY)]
     files: dict[int, tuple[str, str, str | None]] = field(default_factory=dict)
     stage_s: dict[str, float] = field(default_factory=dict)  # worker seconds per stage
+    report: object | None = None  # pipeline.captions.grounded.UnitReport of the study's report
 
 
 class _Clock:
@@ -106,21 +110,23 @@ def _read_nifti_volume(task: UnitTask, cfg: BuildConfig, deid: Deidentifier, res
 
 
 def _read_image_volume(task: UnitTask, cfg: BuildConfig, deid: Deidentifier, result):
+    """(volume or None, the DICOM SeriesRead or None): the read keeps where each frame went,
+    for annotations drawn on frames."""
     if task.kind == "nifti":
-        return _read_nifti_volume(task, cfg, deid, result)
+        return _read_nifti_volume(task, cfg, deid, result), None
     try:
         read = read_dicom_series([p for _, p in task.image_files], deid, cfg.read, task.headers)
     except READ_FS_ERRORS:
         for idx, path in task.image_files:
             _record(result, idx, path, IngestError("filesystem"), "quarantined")
-        return None
+        return None, None
     for pos, err in read.file_errors.items():
         _record(result, *task.image_files[pos], err, "quarantined")
     if read.volume is None:
         for idx, path in task.image_files:
             if idx not in result.files:
                 _record(result, idx, path, read.error, "quarantined")
-    return read.volume
+    return read.volume, read
 
 
 def _attach_labels(task: UnitTask, vol: Volume, result: UnitResult,
@@ -180,6 +186,7 @@ def _series_row(task, vol: Volume, label_source: str, split: str, n_images: int)
         "inverted_monochrome1": m.get("inverted_monochrome1"),
         "color_to_luminance": m.get("color_to_luminance"),
         "geometry_known": m.get("geometry_known", True), "resampled": m.get("resampled"),
+        **{k: m.get(k) for k in (*PROJECTION_FACTS, *VOI_KEYS)},
         "deid_key_id": m["deid_key_id"],
     }
 
@@ -187,11 +194,12 @@ def _series_row(task, vol: Volume, label_source: str, split: str, n_images: int)
 def _image_row(task, vol: Volume, img, split: str) -> dict:
     m = vol.meta
     values = [] if img.labels is None else present_values(img.labels)
+    plane = PROJECTION if m.get("projection") else img.plane  # a radiograph has no 3D plane
     return {
-        "image_id": image_id(task.unit_key, img.plane, img.slice_index, img.window),
+        "image_id": image_id(task.unit_key, plane, img.slice_index, img.window),
         "unit_key": task.unit_key, "series_key": m["series_key"],
         "patient_key": m["patient_key"], "study_key": m["study_key"], "split": split,
-        "modality": vol.modality, "plane": img.plane, "slice_index": int(img.slice_index),
+        "modality": vol.modality, "plane": plane, "slice_index": int(img.slice_index),
         "window": img.window, "window_min": img.window_min, "window_max": img.window_max,
         "bits": 16 if img.png[24:25] == b"\x10" else 8,
         "height": int(img.height), "width": int(img.width),
@@ -199,12 +207,14 @@ def _image_row(task, vol: Volume, img, split: str) -> dict:
         "pixel_spacing_mm": [float(x) for x in img.pixel_spacing_mm],
         "slice_thickness_mm": float(img.slice_thickness_mm),
         "label_values": values, "contrast": m.get("contrast"), "body_part": m.get("body_part"),
+        **{k: m.get(k) for k in PROJECTION_FACTS},  # captions read them (not an images column)
         "caption_summary": None, "caption_report": None, "caption_version": None,
         "image": {"bytes": img.png, "path": None},
     }
 
 
 PLANE_OF_SINGLETON_AXIS = {0: "sagittal", 1: "coronal", 2: "axial"}
+PROJECTION = "projection"  # images.plane of a projection image (CR, DX, MG, ...: no 3D plane)
 
 
 def _slicing_for(vol: Volume, cfg: SliceConfig) -> SliceConfig:
@@ -216,8 +226,99 @@ def _slicing_for(vol: Volume, cfg: SliceConfig) -> SliceConfig:
     return replace(cfg, planes=(PLANE_OF_SINGLETON_AXIS[flat[-1]],), every_k=1)
 
 
+def _placed_annotations(task: UnitTask, read, images, frame: int) -> list[list[tuple]]:
+    """Per image: (shape, M) of every annotation whose frame lies in it
+    (:func:`pipeline.roi.annotated.frame_to_image`); frames of other time points than the one
+    cut (``frame``), and reads without frame geometry (a resampled tilted stack), place none."""
+    placed: list[list[tuple]] = [[] for _ in images]
+    if not task.annotations or read is None or read.grid_affine is None:
+        return placed
+    pos_of = {idx: pos for pos, (idx, _) in enumerate(task.image_files)}
+    by_slice: dict[int, list] = {}
+    for idx, shapes in task.annotations.items():
+        for sh in shapes:
+            slot = read.frames.get((pos_of[idx], sh.frame))
+            if slot is not None and slot[1] == frame:
+                by_slice.setdefault(slot[0], []).append(sh)
+    for j, img in enumerate(images):
+        for k, shapes in by_slice.items():
+            m = frame_to_image(read.grid_affine, k, img.pixel_to_ras, img.slice_thickness_mm)
+            if m is not None:
+                placed[j] += [(sh, m) for sh in shapes]
+    return placed
+
+
+def _annotated_slices(task: UnitTask, read, vol: Volume, slicing: SliceConfig
+                      ) -> dict[str, set[int]] | None:
+    """plane → the canonical slice indices annotated frames lie in, for each plane of
+    ``slicing`` a frame lies in (an annotated slice is always cut, whatever --every-k)."""
+    if not task.annotations or read is None or read.grid_affine is None:
+        return None
+    pos_of = {idx: pos for pos, (idx, _) in enumerate(task.image_files)}
+    ks = {read.frames[(pos_of[idx], sh.frame)][0] for idx, shapes in task.annotations.items()
+          for sh in shapes if (pos_of[idx], sh.frame) in read.frames}
+    to_canonical = np.linalg.inv(vol.affine) @ read.grid_affine
+    out: dict[str, set[int]] = {}
+    for k in ks:
+        corners = to_canonical @ np.array([[0, 0, k, 1], [1, 0, k, 1], [0, 1, k, 1]], float).T
+        for plane in slicing.planes:
+            along = corners[PLANE_AXIS[plane]]
+            if np.allclose(along, along[0], atol=1e-3):  # the frame lies in this plane
+                out.setdefault(plane, set()).add(int(round(along[0])))
+    return out
+
+
+def _frame_shape(task: UnitTask) -> tuple[int, int]:
+    h = (task.headers or [None])[0]
+    return (h.rows, h.cols) if h is not None else (0, 0)
+
+
+def _annotation_status(task: UnitTask, placed: list) -> str | None:
+    """images.annotation_status: "findings" when annotations lie in the image, "no_finding"
+    when the tables list the unit's files with nothing found, else null (not annotated)."""
+    if placed:
+        return "findings"
+    if task.annotations and not any(task.annotations.values()):
+        return "no_finding"
+    return None
+
+
+def _values(ds, keyword: str) -> list:
+    """The values of a (possibly multi-valued) element; [] when absent or unreadable."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed element holds no identifier this pass can use
+        return []
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)) or hasattr(value, "components"):  # PersonName
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _known_identifiers(task: UnitTask):
+    """The patient's own names and IDs from the first file's header, for the reports' second
+    de-identification pass (``pipeline.reports.text_deid.scrub_known``); in memory only."""
+    from pipeline.reports.text_deid import Known
+
+    try:
+        ds = dcmread_safe(task.image_files[0][1], stop_before_pixels=True)
+    except (IngestError, *READ_FS_ERRORS):
+        return Known(names=(), ids=())
+    names, ids = [], []
+    for kw in ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName"):
+        for v in _values(ds, kw):
+            names += [p for p in str(v).replace("^", " ").replace(",", " ").split() if len(p) > 1]
+    for kw in ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID"):
+        ids += [str(v).strip() for v in _values(ds, kw) if str(v).strip()]
+    return Known(names=tuple(names), ids=tuple(ids))
+
+
 def _regions_and_captions(images, result: UnitResult, names, cfg: BuildConfig,
-                          clock: _Clock) -> None:
+                          clock: _Clock, task: UnitTask | None = None, read=None) -> None:
     """Image by image: the labels route's exact regions, the boxes route's prompts (component
     boxes for the segmenter) and, when no model stage follows, the captions.
 
@@ -226,21 +327,31 @@ def _regions_and_captions(images, result: UnitResult, names, cfg: BuildConfig,
     masks. Seconds go to the ``regions`` and ``captions`` stages of ``clock``."""
     rcfg = cfg.regions
     describe = not rcfg.uses_models  # else captions follow the model stage (run.shards)
-    for img, row in zip(images, result.images, strict=True):
+    placed = (_placed_annotations(task, read, images, cfg.slicing.frame) if task is not None
+              else [[] for _ in images])
+    for img, row, here in zip(images, result.images, placed, strict=True):
         rows, masks, pixels, body = [], [], None, None
-        if img.labels is not None and "labels" in rcfg.routes:
+        if (img.labels is not None and "labels" in rcfg.routes) or here:
             pixels = img.pixels if img.pixels is not None else decode_png(row)
             body = body_mask(to_uint8(pixels))
+        if img.labels is not None and "labels" in rcfg.routes:
             rows = label_regions(row, img.labels, names, rcfg, body=body, masks=masks)
-            result.regions += rows
+        prompts = []
         if img.labels is not None and "boxes" in rcfg.routes:
             prompts = label_prompts(row, img.labels, names, rcfg)
-            if prompts:
-                result.prompts[row["image_id"]] = prompts
+        if here:
+            found, asked = annotation_regions(row, here, _frame_shape(task), rcfg, body, masks)
+            rows, prompts = rows + found, prompts + asked
+        if task is not None and task.annotations is not None:
+            row["annotation_status"] = _annotation_status(task, here)
+        result.regions += rows
+        if prompts:
+            result.prompts[row["image_id"]] = prompts
         img.pixels = None
         clock.mark("regions")
         if describe:
             describe_image(row, pixels, rows, cfg.caption_seed, body=body, masks=masks)
+            ground_captions([row], rows, result.report)
             clock.mark("captions")
 
 
@@ -248,7 +359,7 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
     """Read, de-identify, label and cut one unit. Never raises for bad input."""
     result = UnitResult(task.unit_key)
     clock = _Clock(result.stage_s)
-    vol = _read_image_volume(task, cfg, deid, result)
+    vol, read = _read_image_volume(task, cfg, deid, result)
     clock.mark("read")
     if vol is None:
         if task.label_file:
@@ -259,10 +370,15 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
     label_source = _attach_labels(task, vol, result, cfg.read.allow_unknown_label_names)
     clock.mark("labels")
     split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
-    images = cut_images(vol, _slicing_for(vol, cfg.slicing))  # 4D: frame cfg.slicing.frame
+    slicing = _slicing_for(vol, cfg.slicing)
+    # 4D: frame cfg.slicing.frame; annotated slices are cut whatever --every-k
+    images = cut_images(vol, slicing, _annotated_slices(task, read, vol, slicing))
     result.images = [_image_row(task, vol, img, split) for img in images]
     clock.mark("cut")
-    _regions_and_captions(images, result, vol.label_names, cfg, clock)
+    if task.report is not None:
+        result.report = unit_report(task.report, _known_identifiers(task))
+        clock.mark("reports")
+    _regions_and_captions(images, result, vol.label_names, cfg, clock, task, read)
     result.series = _series_row(task, vol, label_source, split, len(images))
     for idx, _ in task.image_files:
         result.files.setdefault(idx, ("ingested", "ok", None))

@@ -1,0 +1,175 @@
+"""Join annotation tables and reports to the units that discovery found (on the driver).
+
+Tables are loaded once per build (``pipeline.labels.annotations.load_annotations``,
+``pipeline.reports.tables.load_reports``: keys HMAC-ed and report text scrubbed as they are
+read) and joined on keys only, never on text:
+
+    annotation key      the file's                         keyed as
+    sop                 SOPInstanceUID (header scan)       deid.pseudonym("uid", …), as discovery
+    path                path relative to its source root   annotations.key_value("path", …)
+    stem                file name without extensions       annotations.key_value("stem", …)
+
+    report key          the study's (first file of the unit)
+    study               StudyInstanceUID                   deid.pseudonym("uid", …)
+    accession           AccessionNumber                    deid.pseudonym("accession", …)
+    patient_date        PatientID | StudyDate              deid.pseudonym("patient-date", …)
+    beside              a ``<folder>.txt`` next to the series folder or its parent (MIMIC-CXR)
+
+The counts (:class:`JoinCounts`) go to the manifest's ``annotations`` / ``reports``: a table
+key that matches no file is counted, so a collection named differently from its table shows
+as ``unmatched`` instead of a silently unannotated corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from pipeline.ingest.deid import Deidentifier
+from pipeline.ingest.discover import FileEntry
+from pipeline.ingest.units import UnitTask
+
+
+@dataclass
+class JoinCounts:
+    """What the join found (manifest fields ``annotations`` and ``reports``)."""
+
+    annotation_rows: int = 0  # rows read from the tables
+    annotation_bad_rows: int = 0  # rows left out (non-finite, unparsable, out of range)
+    annotation_keys: int = 0  # distinct images the tables name
+    annotation_unmatched: int = 0  # of those, naming no file of the collection
+    annotated_files: int = 0  # files that got shapes or a "no finding" entry
+    shapes: int = 0  # shapes attached to files
+    report_rows: int = 0
+    report_bad_rows: int = 0
+    reports_attached: int = 0  # units that got a report
+    report_keys_unmatched: int = 0  # report keys naming no study of the collection
+
+    def manifest(self) -> dict:
+        d = asdict(self)
+        return {"annotations": {k: v for k, v in d.items() if not k.startswith("report")},
+                "reports": {k: v for k, v in d.items() if k.startswith("report")}}
+
+
+def _file_keys(e: FileEntry, header, deid: Deidentifier) -> list[tuple[str, str]]:
+    from pipeline.labels.annotations import key_value
+
+    keys = [("path", key_value("path", e.rel, deid)), ("stem", key_value("stem", e.path.name, deid))]
+    if header is not None and header.sop_uid:
+        keys.insert(0, ("sop", header.sop_uid))  # keyed by discovery already
+    return keys
+
+
+def attach_annotations(tasks: list[UnitTask], entries: list[FileEntry], tables: list,
+                       deid: Deidentifier, counts: JoinCounts) -> None:
+    """Give each DICOM unit's files their shapes (``UnitTask.annotations``)."""
+    if not tables:
+        return
+    matched: set = set()
+    for t in tasks:
+        if t.kind != "dicom":
+            continue
+        for (idx, _), h in zip(t.image_files, t.headers or [None] * len(t.image_files),
+                               strict=True):
+            shapes, listed = [], False
+            for key in _file_keys(entries[idx], h, deid):
+                for table in tables:
+                    if key in table.by_key:
+                        shapes += table.by_key[key]
+                        listed = True
+                        matched.add(key)
+                    elif key in table.empty:
+                        listed = True
+                        matched.add(key)
+            if listed:
+                t.annotations = t.annotations or {}
+                t.annotations[idx] = shapes
+                counts.annotated_files += 1
+                counts.shapes += len(shapes)
+    every = set().union(*(set(tb.by_key) | set(tb.empty) for tb in tables))
+    counts.annotation_keys = len(every)
+    counts.annotation_unmatched = len(every - matched)
+
+
+def _beside(path: Path) -> Path | None:
+    """A ``<folder>.txt`` report next to the file's series folder or that folder's parent."""
+    for folder in (path.parent, path.parent.parent):
+        txt = folder.with_name(folder.name + ".txt")
+        if txt.is_file():
+            return txt
+    return None
+
+
+def attach_reports(tasks: list[UnitTask], tables: list, beside: bool,
+                   counts: JoinCounts) -> None:
+    """Give each DICOM unit its study's report (``UnitTask.report``, text already scrubbed)."""
+    if not tables and not beside:
+        return
+    from pipeline.reports.tables import read_report_file
+
+    matched: set = set()
+    for t in tasks:
+        if t.kind != "dicom" or not t.headers:
+            continue
+        h = t.headers[0]
+        keys = [("study", h.study_uid), ("accession", h.accession),
+                ("patient_date", h.patient_date)]
+        for key in keys:
+            hit = next((tb.by_key[key] for tb in tables if key[1] and key in tb.by_key), None)
+            if hit is not None:
+                t.report = hit
+                matched.add(key)
+                break
+        if t.report is None and beside:
+            txt = _beside(t.image_files[0][1])
+            if txt is not None:
+                t.report = read_report_file(txt)
+        counts.reports_attached += t.report is not None
+    every = set().union(*(set(tb.by_key) for tb in tables)) if tables else set()
+    counts.report_keys_unmatched = len(every - matched)
+
+
+@dataclass
+class Tables:
+    """The loaded tables of a build (keyed, scrubbed): what :func:`attach_tables` joins."""
+
+    annotations: list
+    reports: list
+    beside: bool  # look for a .txt report beside each study folder
+    counts: JoinCounts
+
+
+def load_tables(cfg, deid: Deidentifier) -> Tables:
+    """Read ``cfg.annotations`` and ``cfg.reports`` (before any other work: a table whose
+    columns do not fit its format is a ``ValueError`` with a fixed message, before discovery)."""
+    counts, annotations, reports, beside = JoinCounts(), [], [], False
+    if cfg.annotations:
+        from pipeline.labels.annotations import load_annotations
+
+        for path, fmt in cfg.annotations:
+            table = load_annotations(path, fmt, deid, cfg.annotation_merge)
+            counts.annotation_rows += table.n_rows
+            counts.annotation_bad_rows += table.n_bad_rows
+            annotations.append(table)
+    for path, key, text in cfg.reports:
+        if str(path) == "beside":
+            beside = True
+            continue
+        from pipeline.reports.tables import load_reports
+
+        table = load_reports(path, deid, key, text or None)
+        counts.report_rows += table.n_rows
+        counts.report_bad_rows += table.n_bad_rows
+        reports.append(table)
+    return Tables(annotations, reports, beside, counts)
+
+
+def attach_tables(tasks: list[UnitTask], entries: list[FileEntry], tables: Tables | None,
+                  deid: Deidentifier) -> JoinCounts:
+    """Join the loaded tables to ``tasks`` (in place); the counts for the manifest."""
+    if tables is None:
+        return JoinCounts()
+    counts = replace(tables.counts)
+    attach_annotations(tasks, entries, tables.annotations, deid, counts)
+    attach_reports(tasks, tables.reports, tables.beside, counts)
+    return counts
