@@ -506,3 +506,24 @@ def test_a_report_finds_its_study_by_every_key(tmp_path, how):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["reports"]["reports_attached"] == 1
     assert manifest["reports"]["report_keys_unmatched"] == 0
+
+
+def test_a_rerun_with_the_same_tables_adds_nothing_and_other_tables_need_another_out(tmp_path,
+                                                                                     capfd):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_cr(src / "img001.dcm", box=(40, 100, 90, 160))
+    table = _vindr(tmp_path / "boxes.csv", [("img001", "Nodule/Mass", 8, "R8", 40, 100, 90, 160)])
+    out = tmp_path / "out"
+    args = [str(src), "--out", str(out), "--workers", "1", "--annotations", str(table),
+            "--annotations-format", "vindr"]
+    assert main(args) == 0
+    first = sorted(r["region_id"] for r in _table(out, "regions"))
+    moved = tmp_path / "elsewhere.csv"  # the same content under another name: the same build
+    moved.write_bytes(table.read_bytes())
+    assert main([*args[:-3], str(moved), *args[-2:]]) == 0
+    assert sorted(r["region_id"] for r in _table(out, "regions")) == first
+    capfd.readouterr()
+    _vindr(table, [("img001", "Nodule/Mass", 8, "R8", 40, 100, 95, 160)])  # a box changed
+    assert main(args) == 2
+    assert "annotations" in capfd.readouterr().err
