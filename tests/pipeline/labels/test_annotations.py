@@ -341,7 +341,8 @@ def hostile_row(draw):
     return [key, draw(CLASS), reader, *cells], bad
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(hostile_row(), min_size=1, max_size=12))
 def test_hostile_rows_are_counted_never_raise_and_leak_nothing(tmp_path, rows):
     path = _write_csv(tmp_path / "h.csv", ["Image", "Label", "Doctor", "X", "Y", "W", "H"],
@@ -375,7 +376,8 @@ COCO_ANNOTATION = st.fixed_dictionaries(
                                              st.integers(-2, 6), max_size=6))}))})
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(annotations=st.lists(st.one_of(COCO_ANNOTATION, JSON_VALUE), max_size=8))
 def test_hostile_coco_annotations_are_counted_and_leak_nothing(tmp_path, annotations):
     doc = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}],
@@ -391,7 +393,7 @@ def test_hostile_coco_annotations_are_counted_and_leak_nothing(tmp_path, annotat
         assert s.mask(rows, cols).shape == (rows, cols)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**32 - 1))
 def test_compressed_coco_strings_are_vetted_to_pycocotools_runs(rows, cols, seed):
     rng = np.random.default_rng(seed)

@@ -134,6 +134,9 @@ def check(host_f, host_i, data):
     words = {w.lower() for w in re.findall(r"[A-Za-z]+", " ".join(host_f + host_i + TEMPLATES))}
     assume(not REPR_WORDS & {n.lower() for n in names + own_names})
     assume(not words & {n.lower() for n in names + own_names})
+    # the patient's own name parts are removed wherever they stand, planted or not: a patient
+    # named like a word of the host prose takes that word with it (CI drew "Aorta")
+    assume(not words & {n.lower() for n in known.names})
     pos = data.draw(st.lists(st.integers(0, 50), min_size=len(planted), max_size=len(planted)))
     f = plant(host_f, planted[: (len(planted) + 1) // 2], pos)
     i = plant(host_i, planted[(len(planted) + 1) // 2:], pos[::-1])
@@ -146,7 +149,8 @@ def check(host_f, host_i, data):
         assert " ".join(scrub(sentence).split()) in final.impression
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_canaries_in_synthetic_reports(data):
     host_f = data.draw(st.lists(st.sampled_from(SYNTHETIC), min_size=1, max_size=6, unique=True))
@@ -154,7 +158,8 @@ def test_canaries_in_synthetic_reports(data):
     check(host_f, host_i, data)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_canaries_in_real_iu_reports(data):
     rows = [r for r in require_iu() if r[1].strip() and r[2].strip()]
