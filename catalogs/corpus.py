@@ -227,11 +227,17 @@ class Corpus:
     def summary(self) -> dict:
         """Plain-dict overview (JSON-serialisable): rows per table (read from the files) and
         the manifest's counts; files per status, per reason and per status/reason; series,
-        images and regions per split / modality (images also per plane, regions per label and
-        source); patients per split."""
+        images and regions per split / modality (images also per plane, report-caption source
+        and annotation status; regions per label, source and caption provenance); patients per
+        split."""
         def counts(lf: pl.LazyFrame, col: str) -> dict:
             df = lf.group_by(col).agg(pl.len()).sort(col, nulls_last=True).collect()
             return {("null" if k is None else str(k)): int(v) for k, v in df.iter_rows()}
+
+        def provenance(lf: pl.LazyFrame, cols: dict[str, str]) -> dict:
+            """Counts of the columns a corpus built before them does not have: skipped there."""
+            have = set(lf.collect_schema().names())
+            return {key: counts(lf, col) for key, col in cols.items() if col in have}
 
         files, series, images, regions = (self._frame(t) for t in TABLES)
         status_reason = (files.group_by("status", "reason").agg(pl.len())
@@ -254,11 +260,14 @@ class Corpus:
                        "by_modality": counts(series, "modality")},
             "images": {"by_split": counts(images, "split"),
                        "by_modality": counts(images, "modality"),
-                       "by_plane": counts(images, "plane")},
+                       "by_plane": counts(images, "plane"),
+                       **provenance(images, {"by_report_source": "caption_report_source",
+                                             "by_annotation_status": "annotation_status"})},
             "regions": {"by_split": counts(regions, "split"),
                         "by_label": counts(regions, "label"),
                         "by_modality": counts(regions, "modality"),
-                        "by_source": counts(regions, "source")},
+                        "by_source": counts(regions, "source"),
+                        **provenance(regions, {"by_caption_provenance": "caption_provenance"})},
             "patients": {"total": int(series.select(pl.col("patient_key").n_unique())
                                       .collect().item()),
                          "by_split": {str(k): int(v) for k, v in patients.iter_rows()}},

@@ -123,7 +123,7 @@ def test_sample_is_deterministic_and_filtered(corpus):
 def test_region_stats_and_summary(corpus, corpus_dir):
     stats = corpus.region_stats()
     regions = _arrow(corpus_dir, "regions", ["label", "modality", "split", "image_id",
-                                             "area_mm2"]).to_pylist()
+                                             "area_mm2", "caption_region"]).to_pylist()
     assert int(stats["n_regions"].sum()) == len(regions)
     liver = stats.filter(pl.col("label") == "liver")
     rows = [r for r in regions if r["label"] == "liver"]
@@ -142,6 +142,12 @@ def test_region_stats_and_summary(corpus, corpus_dir):
     assert s["regions"]["by_split"] == {
         k: sum(r["split"] == k for r in regions) for k in {r["split"] for r in regions}}
     assert s["patients"]["total"] == 6 and sum(s["patients"]["by_split"].values()) == 6
+    images = _arrow(corpus_dir, "images", ["caption_report_source"]).to_pylist()
+    assert s["images"]["by_report_source"] == {"template": len(images)}  # no reports given
+    assert s["images"]["by_annotation_status"] == {"null": len(images)}
+    assert s["regions"]["by_caption_provenance"] == {
+        "template": sum(r["caption_region"] is not None for r in regions),
+        **({"null": n} if (n := sum(r["caption_region"] is None for r in regions)) else {})}
 
 
 def test_open_rejects_non_corpus(tmp_path, corpus_dir):
