@@ -11,9 +11,12 @@ image_features            (B, E)      L2-normalised image embeddings
 text_features             (B, E)      each image's report/summary (``want_global``)
 global_keys               (B,)        caption hash: equal captions are equal positives
 region_features           (R, E)      valid regions, flattened row-major (``want_region``)
-region_text_features      (R, E)      each region's caption
-negative_features         (R, K, E)   each region's hard-negative captions
+region_text_features      (R, E)      each region's caption (``region_text_proj`` when present)
+negative_features         (R, K, E)   each region's hard-negative captions (the same projection)
 region_keys / negative_keys (R,) / (R, K)
+caption_image_features    (R, E)      each region's caption through ``text_proj`` (image space)
+region_image_features     (R, E)      the image embedding of each region's image
+region_image_keys         (R,)        its image's key (regions of one image share it)
 logit_scale, region_logit_scale  ()   exp(learned temperature), clamped at ``max_logit_scale``
 logit_bias                ()          SigLIP bias (``siglip`` only)
 ========================  ==========  ======================================================
@@ -22,6 +25,16 @@ Global-only ablation (``ModelConfig.global_only``): no prompt encoder or ROI bra
 embeddings for evaluation are the mask-pooled final patch tokens of the global image through the
 image projection (:meth:`RegionCLIP.pooled_regions`), falling back to the image embedding when a
 mask covers no patch.
+
+Two text projections (``ModelConfig.region_text_proj``): region captions go through
+``region_text_proj``, reports and summaries through ``text_proj``; the text tower below them is
+shared. With one projection the region losses pulled short label phrases ("the left kidney")
+into region space, where the image embeddings do not look, and image zero-shot fell below the
+global-only ablation (docs/benchmarks.md, issue 20). ``encode_text(..., region=True)`` embeds a
+text for comparison with region embeddings, the default for comparison with image embeddings.
+The short region captions reach image space through the ``caption_image_*`` features
+(``grounding_loss`` in :mod:`model.loss`): without them ``text_proj`` only ever saw reports and
+summaries, and mapped the label phrases that image zero-shot asks with nearly onto one another.
 """
 
 from __future__ import annotations
@@ -54,12 +67,14 @@ class RegionCLIP(nn.Module):
         self.image_proj = nn.Linear(image_tower.width, e, bias=False)
         self.text_proj = nn.Linear(text_tower.width, e, bias=False)
         self.region_proj = nn.Linear(image_tower.width, e, bias=False) if roi_branch else None
+        self.region_text_proj = nn.Linear(text_tower.width, e, bias=False) \
+            if roi_branch and cfg.model.region_text_proj else None
         init = cfg.model.init_logit_scale
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.region_logit_scale = nn.Parameter(torch.tensor(init))
         self.logit_bias = nn.Parameter(torch.tensor(cfg.model.init_logit_bias)) \
             if cfg.model.siglip else None
-        for proj in (self.image_proj, self.text_proj, self.region_proj):
+        for proj in (self.image_proj, self.text_proj, self.region_proj, self.region_text_proj):
             if proj is not None:
                 nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
 
@@ -69,9 +84,13 @@ class RegionCLIP(nn.Module):
         tokens = self.visual(images)
         return F.normalize(self.image_proj(tokens[:, 0]), dim=-1), tokens
 
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids, mask (T, L) → normalised embeddings (T, E)."""
-        return F.normalize(self.text_proj(self.text(ids, mask)), dim=-1)
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, region: bool = False
+                    ) -> torch.Tensor:
+        """ids, mask (T, L) → normalised embeddings (T, E) in image space, or with ``region``
+        in region space (``region_text_proj``; models without one have a single space)."""
+        proj = self.region_text_proj if region and self.region_text_proj is not None \
+            else self.text_proj
+        return F.normalize(proj(self.text(ids, mask)), dim=-1)
 
     def encode_regions(self, images: torch.Tensor, tokens: torch.Tensor,
                        regions: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,21 +140,33 @@ class RegionCLIP(nn.Module):
                 valid = batch["host"]["region_valid"]
                 host = torch.cat([host[valid], batch["host"]["neg_text"][valid].flatten()])
             text = self._texts(batch, torch.cat([regions["text"], regions["neg_text"].flatten()]),
-                               host)
+                               host, region=True)
             out["region_features"] = self.encode_regions(images, tokens, regions)
             out["region_text_features"] = text[:r]
             out["negative_features"] = text[r:].view(r, k, text.shape[-1])  # R may be 0
             out["region_keys"] = regions["key"]
             out["negative_keys"] = regions["neg_key"]
+            if want_global and self.region_text_proj is not None \
+                    and self.cfg.loss.grounding_weight > 0:
+                out.update(self._grounding(batch, regions, img_emb))
         return out
 
-    def _texts(self, batch: dict, idx: torch.Tensor, host: torch.Tensor | None = None
-               ) -> torch.Tensor:
+    def _grounding(self, batch: dict, regions: dict, img_emb: torch.Tensor) -> dict:
+        """Region captions in image space, paired with their images' embeddings."""
+        host = _host(batch, "region_text")
+        if host is not None:
+            host = host[batch["host"]["region_valid"]]
+        return {"caption_image_features": self._texts(batch, regions["text"], host),
+                "region_image_features": img_emb[regions["index"]],
+                "region_image_keys": batch["image_key"][regions["index"]]}
+
+    def _texts(self, batch: dict, idx: torch.Tensor, host: torch.Tensor | None = None,
+               region: bool = False) -> torch.Tensor:
         """Embeddings (len(idx), E) of batch texts ``idx``: each distinct text encoded once, in
         length-sorted buckets of about ``TEXT_BUCKET`` texts, each trimmed to its own longest
         text (short region captions do not pay for the long reports' padding). With ``host``
         (``idx`` on the CPU, and the batch's CPU ``host["text_len"]``) the buckets are planned
-        on the host: no device → host copy."""
+        on the host: no device → host copy. ``region``: see :meth:`encode_text`."""
         if host is not None:
             uniq, inverse = torch.unique(host, return_inverse=True)
             lengths = batch["host"]["text_len"][uniq]
@@ -149,7 +180,7 @@ class RegionCLIP(nn.Module):
             n = max(1, int(lengths[chunk].max())) if len(chunk) else 1
             rows = uniq[chunk].to(dev, non_blocking=True)
             parts.append(self.encode_text(batch["text_ids"][rows, :n],
-                                          batch["text_mask"][rows, :n]))
+                                          batch["text_mask"][rows, :n], region))
         emb = torch.cat(parts)[torch.argsort(order).to(dev)]  # back to ``uniq`` order
         return emb[inverse.to(dev)]
 

@@ -12,6 +12,7 @@ points              (B, Rm, P, 2)     normalised xy; point_labels (B, Rm, P): 1/
 text_ids/text_mask  (U, L)            every distinct caption of the batch, tokenised once
 global_text         (B,)              index into the U texts; region_text (B, Rm);
 neg_text            (B, Rm, K)        negatives; *_key: hashes of the caption texts
+image_key           (B,)              hash of the image id (equal images, equal keys)
 meta                dict of lists     ids, labels, lateralities, captions (evaluation)
 pos                 list of tuples    data positions (reader, epoch, index, shard, row)
 host                dict of tensors   CPU copies of the text indices, region_valid and
@@ -76,6 +77,8 @@ class Collate:
             "text_mask": enc["attention_mask"], "global_text": gtext,
             "global_key": keys[gtext], "region_text": rtext, "region_key": keys[rtext],
             "neg_text": ntext, "neg_key": keys[ntext], "meta": meta,
+            "image_key": torch.tensor([text_key(s["image_id"]) for s in samples],
+                                      dtype=torch.long),
             "pos": [s["pos"] for s in samples], "texts": uniq,
             "host": {"global_text": gtext, "region_text": rtext, "neg_text": ntext,
                      "region_valid": valid, "text_len": enc["attention_mask"].sum(1)},

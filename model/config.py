@@ -69,6 +69,8 @@ class ModelConfig:
     siglip: bool = False  # sigmoid loss with a learnable bias instead of softmax CLIP
     init_logit_bias: float = -10.0
     global_only: bool = False  # ablation: no prompt encoder / ROI branch
+    region_text_proj: bool = False  # region captions get their own text projection (presets:
+    # on; off here so runs saved before it existed load unchanged)
 
 
 @dataclass
@@ -86,6 +88,8 @@ class LossConfig:
     global_weight: float = 1.0
     region_weight: float = 1.0
     negative_weight: float = 0.5
+    grounding_weight: float = 0.0  # region captions in image space against the batch's images
+    # (model/loss.py; presets: 1.0; 0.0 here so runs saved before it resume unchanged)
 
 
 @dataclass

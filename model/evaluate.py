@@ -26,6 +26,10 @@ rows and one class column at a time, retrieval keeps a running top-k over galler
 (:mod:`model.metrics`), on ``device``; memory beyond the embeddings stays flat in the gallery
 size (``workflows/bench_evaluate.py``).
 
+Texts compared with regions (region zero-shot and laterality prompts, captions) are embedded
+with ``region=True``, texts compared with images with the default; a model with one text
+projection (the global-only ablation, runs saved before ``region_text_proj``) embeds both alike.
+
 Region embeddings: the region-aware model uses its ROI branch with the box, the mask and one
 positive point as prompts; the global-only model mask-pools its final patch tokens
 (:meth:`model.clip.RegionCLIP.pooled_regions`).
@@ -51,13 +55,15 @@ from model.data import CorpusIndex, RegionCorpus
 
 @torch.no_grad()
 def embed_texts(model: RegionCLIP, tok, texts: list[str], max_len: int, device,
-                chunk: int = 256) -> np.ndarray:
+                chunk: int = 256, region: bool = False) -> np.ndarray:
+    """Normalised text embeddings (T, E) for comparison with images, or with ``region`` with
+    regions (:meth:`model.clip.RegionCLIP.encode_text`)."""
     out = []
     for i in range(0, len(texts), chunk):
         enc = tok(texts[i:i + chunk], padding=True, truncation=True, max_length=max_len,
                   return_tensors="pt")
         out.append(model.encode_text(enc["input_ids"].to(device),
-                                     enc["attention_mask"].to(device)).float().cpu())
+                                     enc["attention_mask"].to(device), region).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.model.embed_dim), np.float32)
 
 
@@ -93,10 +99,11 @@ def embed_split(model: RegionCLIP, tok, corpus: CorpusIndex, split: str, device,
             **meta}
 
 
-def _prompt_matrix(model, tok, groups: list[list[str]], max_len: int, device) -> np.ndarray:
+def _prompt_matrix(model, tok, groups: list[list[str]], max_len: int, device,
+                   region: bool = False) -> np.ndarray:
     """Mean (re-normalised) embedding of each group of prompts → (C, E)."""
     flat = [t for g in groups for t in g]
-    emb = embed_texts(model, tok, flat, max_len, device)
+    emb = embed_texts(model, tok, flat, max_len, device, region=region)
     out, i = [], 0
     for g in groups:
         m = emb[i:i + len(g)].mean(0)
@@ -109,7 +116,7 @@ def zero_shot(model, tok, corpus: CorpusIndex, e: dict, device) -> dict:
     ml = model.cfg.text.max_len
     labels = corpus.labels
     groups = [cap.label_prompts(lab, corpus.sides.get(lab, []), corpus.prompt) for lab in labels]
-    prompts = _prompt_matrix(model, tok, groups, ml, device)  # (C, E)
+    prompts = _prompt_matrix(model, tok, groups, ml, device, region=True)  # (C, E)
     idx = {lab: i for i, lab in enumerate(labels)}
     target = np.array([idx[x] for x in e["label"]], dtype=int)
     res = {"region_zero_shot": {"labels": list(labels), **metrics.single_label(
@@ -125,7 +132,7 @@ def zero_shot(model, tok, corpus: CorpusIndex, e: dict, device) -> dict:
     sided = [i for i, s in enumerate(e["laterality"]) if s in cap.SIDES]
     pairs = [[corpus.prompt(e["label"][i], "left"), corpus.prompt(e["label"][i], "right")]
              for i in sided]
-    flat = embed_texts(model, tok, [t for p in pairs for t in p], ml, device)
+    flat = embed_texts(model, tok, [t for p in pairs for t in p], ml, device, region=True)
     lat_scores = np.zeros((len(sided), 2), np.float32)
     if sided:
         lat_scores = np.einsum("ne,nke->nk", e["region"][sided], flat.reshape(len(sided), 2, -1))
@@ -147,7 +154,7 @@ def retrieval(model, tok, e: dict, device) -> dict:
                                ("region", e["region"], e["caption"])]:
         gallery = sorted(set(texts))
         pos = {t: i for i, t in enumerate(gallery)}
-        temb = embed_texts(model, tok, gallery, ml, device)
+        temb = embed_texts(model, tok, gallery, ml, device, region=name == "region")
         key, text_key = np.array([pos[t] for t in texts], dtype=np.int64), np.arange(len(gallery))
         txt = "report" if name == "image" else "caption"
         out[f"{name}_to_{txt}"] = metrics.retrieval_recall(items, temb, key, text_key,

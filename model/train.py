@@ -171,11 +171,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def stage_unused(stage: int) -> tuple[str, ...]:
     """Parameter-name prefixes a stage's losses never reach (frozen for that stage, so DDP needs
-    no ``find_unused_parameters``): stage 1 (global) leaves the ROI branch and the region
-    temperature; stages 2 and 3 use every parameter (the global loss stays on:
-    :func:`model.loss.stage_losses`)."""
+    no ``find_unused_parameters``): stage 1 (global) leaves the ROI branch, the region
+    projections and the region temperature; stages 2 and 3 use every parameter (the global
+    loss stays on: :func:`model.loss.stage_losses`)."""
     if stage == 1:
-        return ("roi.", "region_proj.", "region_logit_scale")
+        return ("roi.", "region_proj.", "region_text_proj.", "region_logit_scale")
     return ()
 
 

@@ -54,7 +54,7 @@ class Validator:
             enc = self.tok(texts, padding=True, truncation=True, max_length=self.cfg.text.max_len,
                            return_tensors="pt")
             emb = core.encode_text(enc["input_ids"].to(self.device),
-                                   enc["attention_mask"].to(self.device))
+                                   enc["attention_mask"].to(self.device), region=True)
             rows.append(F.normalize(emb.float().mean(0), dim=-1))
         return torch.stack(rows)
 
@@ -86,6 +86,9 @@ class Validator:
         core.train()
         keys = ["global_loss"] + ([] if self.cfg.model.global_only
                                   else ["region_loss", "negative_loss"])
+        m = self.cfg.model
+        if not m.global_only and m.region_text_proj and self.cfg.loss.grounding_weight > 0:
+            keys.append("grounding_loss")  # from the config: the same keys on every rank
         vec = torch.tensor([sums.get(k, 0.0) for k in keys]
                            + [float(len(self.batches)), correct, regions], dtype=torch.float64)
         if self.world > 1:

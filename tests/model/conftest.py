@@ -16,10 +16,10 @@ MICRO = {
              "vocab_size": 400},
     "prompt": {"points_per_region": 2, "mask_hidden": 8},
     "roi": {"roi_size": 32, "context": 0.5, "layers": 1},
-    "model": {"embed_dim": 32},
+    "model": {"embed_dim": 32, "region_text_proj": True},  # as the presets
     "data": {"batch": 8, "regions_per_image": 3, "negatives_per_region": 3, "workers": 0,
              "shuffle_buffer": 32},
-    "loss": {},
+    "loss": {"grounding_weight": 1.0},
     "train": {"stage_steps": [2, 2, 4], "lr": 2e-3, "warmup_steps": 2, "log_every": 1,
               "ckpt_every": 4},
 }

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from micro import MICRO, K, P, S, WordTokenizer
 
 from model.clip import build_model
 from model.collate import Collate
@@ -25,27 +26,6 @@ from model.train import accumulate, merge_features
 
 WORDS = ["left", "right", "lung", "nodule", "liver", "lesion", "kidney", "cyst", "small", "large"]
 CAPTIONS = [" ".join(WORDS[i:i + n]) for i in range(0, 8) for n in (2, 3)]  # 16 texts, 2–3 words
-S, K, P = 64, 2, 2
-MICRO = {
-    "image": {"image_size": S, "patch_size": 16, "width": 32, "depth": 1, "heads": 2},
-    "text": {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64, "max_len": 8},
-    "prompt": {"points_per_region": P, "mask_hidden": 4},
-    "roi": {"roi_size": 32, "layers": 1},
-    "model": {"embed_dim": 16},
-    "data": {"negatives_per_region": K},
-}
-
-
-class WordTokenizer:
-    """Stand-in for the WordPiece tokenizer: one id per word, [CLS]=1 first, padding 0."""
-
-    ids = {w: i + 2 for i, w in enumerate(WORDS)}
-
-    def __call__(self, texts, padding, truncation, max_length, return_tensors):
-        rows = [[1] + [self.ids[w] for w in t.split()][: max_length - 1] for t in texts]
-        n = max(len(r) for r in rows)
-        ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
-        return {"input_ids": ids, "attention_mask": (ids > 0).long()}
 
 
 @functools.cache
@@ -101,7 +81,7 @@ def _assert_same(got: dict, want: dict, rel: float = 1e-5) -> None:
             assert err <= rel * float(w.norm()) + 1e-6, (name, err, float(w.norm()))
 
 
-collate = Collate(WordTokenizer(), max_len=8, negatives=K, points=P)
+collate = Collate(WordTokenizer(WORDS), max_len=8, negatives=K, points=P)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
