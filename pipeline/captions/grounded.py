@@ -175,14 +175,21 @@ def unit_report(report, known) -> UnitReport | None:
     return UnitReport(report_caption(clean), ground(clean, vocabulary_terms()))
 
 
-def _stored_groundings(image: dict) -> list:
+def _stored_groundings(image: dict) -> tuple:
+    return _groundings_of(image.get("caption_report") or "")
+
+
+@functools.lru_cache(maxsize=256)
+def _groundings_of(caption_report: str) -> tuple:
+    """The groundings of a stored report caption, once per text (the checker asks for each
+    region of an image, and a study's images share one report)."""
     from pipeline.reports.ground import ground
     from pipeline.reports.sections import split_sections
     from pipeline.reports.tables import Report
 
-    parts = split_sections(image.get("caption_report") or "")
+    parts = split_sections(caption_report)
     report = Report(findings=parts.get("findings", ""), impression=parts.get("impression", ""))
-    return ground(report, vocabulary_terms())
+    return tuple(ground(report, vocabulary_terms()))
 
 
 def template_view(image: dict, region: dict) -> tuple[dict, list[str]]:

@@ -226,13 +226,12 @@ def _slicing_for(vol: Volume, cfg: SliceConfig) -> SliceConfig:
     return replace(cfg, planes=(PLANE_OF_SINGLETON_AXIS[flat[-1]],), every_k=1)
 
 
-def _placed_annotations(task: UnitTask, read, images, frame: int) -> list[list[tuple]]:
-    """Per image: (shape, M) of every annotation whose frame lies in it
-    (:func:`pipeline.roi.annotated.frame_to_image`); frames of other time points than the one
-    cut (``frame``), and reads without frame geometry (a resampled tilted stack), place none."""
-    placed: list[list[tuple]] = [[] for _ in images]
+def _shapes_by_slice(task: UnitTask, read, frame: int) -> dict[int, list]:
+    """Slice k of the assembled grid → the annotation shapes drawn on its frame; frames of
+    other time points than the one cut (``frame``), and reads without frame geometry (a
+    resampled tilted stack), give none."""
     if not task.annotations or read is None or read.grid_affine is None:
-        return placed
+        return {}
     pos_of = {idx: pos for pos, (idx, _) in enumerate(task.image_files)}
     by_slice: dict[int, list] = {}
     for idx, shapes in task.annotations.items():
@@ -240,6 +239,13 @@ def _placed_annotations(task: UnitTask, read, images, frame: int) -> list[list[t
             slot = read.frames.get((pos_of[idx], sh.frame))
             if slot is not None and slot[1] == frame:
                 by_slice.setdefault(slot[0], []).append(sh)
+    return by_slice
+
+
+def _placed_annotations(by_slice: dict[int, list], read, images) -> list[list[tuple]]:
+    """Per image: (shape, M) of every annotation whose frame lies in it
+    (:func:`pipeline.roi.annotated.frame_to_image`)."""
+    placed: list[list[tuple]] = [[] for _ in images]
     for j, img in enumerate(images):
         for k, shapes in by_slice.items():
             m = frame_to_image(read.grid_affine, k, img.pixel_to_ras, img.slice_thickness_mm)
@@ -248,18 +254,15 @@ def _placed_annotations(task: UnitTask, read, images, frame: int) -> list[list[t
     return placed
 
 
-def _annotated_slices(task: UnitTask, read, vol: Volume, slicing: SliceConfig
+def _annotated_slices(by_slice: dict[int, list], read, vol: Volume, slicing: SliceConfig
                       ) -> dict[str, set[int]] | None:
     """plane → the canonical slice indices annotated frames lie in, for each plane of
     ``slicing`` a frame lies in (an annotated slice is always cut, whatever --every-k)."""
-    if not task.annotations or read is None or read.grid_affine is None:
+    if not by_slice:
         return None
-    pos_of = {idx: pos for pos, (idx, _) in enumerate(task.image_files)}
-    ks = {read.frames[(pos_of[idx], sh.frame)][0] for idx, shapes in task.annotations.items()
-          for sh in shapes if (pos_of[idx], sh.frame) in read.frames}
     to_canonical = np.linalg.inv(vol.affine) @ read.grid_affine
     out: dict[str, set[int]] = {}
-    for k in ks:
+    for k in by_slice:
         corners = to_canonical @ np.array([[0, 0, k, 1], [1, 0, k, 1], [0, 1, k, 1]], float).T
         for plane in slicing.planes:
             along = corners[PLANE_AXIS[plane]]
@@ -318,7 +321,7 @@ def _known_identifiers(task: UnitTask):
 
 
 def _regions_and_captions(images, result: UnitResult, names, cfg: BuildConfig,
-                          clock: _Clock, task: UnitTask | None = None, read=None) -> None:
+                          clock: _Clock, task: UnitTask, placed: list[list[tuple]]) -> None:
     """Image by image: the labels route's exact regions, the boxes route's prompts (component
     boxes for the segmenter) and, when no model stage follows, the captions.
 
@@ -327,8 +330,6 @@ def _regions_and_captions(images, result: UnitResult, names, cfg: BuildConfig,
     masks. Seconds go to the ``regions`` and ``captions`` stages of ``clock``."""
     rcfg = cfg.regions
     describe = not rcfg.uses_models  # else captions follow the model stage (run.shards)
-    placed = (_placed_annotations(task, read, images, cfg.slicing.frame) if task is not None
-              else [[] for _ in images])
     for img, row, here in zip(images, result.images, placed, strict=True):
         rows, masks, pixels, body = [], [], None, None
         if (img.labels is not None and "labels" in rcfg.routes) or here:
@@ -342,7 +343,7 @@ def _regions_and_captions(images, result: UnitResult, names, cfg: BuildConfig,
         if here:
             found, asked = annotation_regions(row, here, _frame_shape(task), rcfg, body, masks)
             rows, prompts = rows + found, prompts + asked
-        if task is not None and task.annotations is not None:
+        if task.annotations is not None:
             row["annotation_status"] = _annotation_status(task, here)
         result.regions += rows
         if prompts:
@@ -372,13 +373,15 @@ def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitRe
     split = assign_split(vol.meta["patient_key"], cfg.split.ratios, cfg.split.salt)
     slicing = _slicing_for(vol, cfg.slicing)
     # 4D: frame cfg.slicing.frame; annotated slices are cut whatever --every-k
-    images = cut_images(vol, slicing, _annotated_slices(task, read, vol, slicing))
+    by_slice = _shapes_by_slice(task, read, slicing.frame)
+    images = cut_images(vol, slicing, _annotated_slices(by_slice, read, vol, slicing))
     result.images = [_image_row(task, vol, img, split) for img in images]
     clock.mark("cut")
     if task.report is not None:
         result.report = unit_report(task.report, _known_identifiers(task))
         clock.mark("reports")
-    _regions_and_captions(images, result, vol.label_names, cfg, clock, task, read)
+    _regions_and_captions(images, result, vol.label_names, cfg, clock, task,
+                          _placed_annotations(by_slice, read, images))
     result.series = _series_row(task, vol, label_source, split, len(images))
     for idx, _ in task.image_files:
         result.files.setdefault(idx, ("ingested", "ok", None))
