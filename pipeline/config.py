@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -119,9 +120,14 @@ class BuildConfig:
                                      f"{', '.join(sorted(known))}")
                 if not Path(root).is_dir():
                     raise ValueError(f"--collection {name} {root}: no such folder")
+        from pipeline.ingest.remote import REMOTE_BASE
+
         for s in self.sources:
             if not storage.exists(s):
                 raise ValueError(f"SOURCE {s}: no such file or directory")
+            if not storage.is_remote(s) and Path(os.path.abspath(s)).is_relative_to(REMOTE_BASE):
+                raise ValueError(f"SOURCE {s}: {REMOTE_BASE} is where remote objects are named "
+                                 "in memory; move the folder")
         self._check_tables()
         r = self.split.ratios
         if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:

@@ -58,8 +58,9 @@ def name(loc) -> str:
 
 
 @lru_cache(maxsize=32)
-def _remote_fs(scheme: str, bucket: str) -> pafs.FileSystem:
-    """One client per bucket and process (the AWS variables are read when it is made)."""
+def _remote_fs(scheme: str, bucket: str, pid: int) -> pafs.FileSystem:
+    """One client per bucket and process (the AWS variables are read when it is made; a forked
+    child makes its own rather than use its parent's connections)."""
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}/")
     return fs
 
@@ -70,7 +71,7 @@ def resolve(loc) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(loc)
     scheme, _, rest = str(loc).partition("://")
     bucket = rest.partition("/")[0]
-    return _remote_fs(scheme.lower(), bucket), rest.rstrip("/")
+    return _remote_fs(scheme.lower(), bucket, os.getpid()), rest.rstrip("/")
 
 
 def exists(loc) -> bool:
@@ -91,7 +92,7 @@ def is_dir(loc) -> bool:
 
 def read_bytes(loc) -> bytes:
     fs, path = resolve(loc)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:  # bytes as stored (no .gz guess)
         return f.read()
 
 
@@ -110,7 +111,7 @@ def put_bytes(loc, data: bytes) -> None:
     locally a temporary name, fsync and rename; on an object store one PUT."""
     if is_remote(loc):
         fs, path = resolve(loc)
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
         return
     loc = Path(loc)
@@ -143,14 +144,6 @@ def uri_of(loc, info_path: str) -> str | Path:
     if not is_remote(loc):
         return Path(info_path)
     return f"{str(loc).partition('://')[0]}://{info_path}"
-
-
-def copy_tree(src, dst: Path, threads: bool = True) -> None:
-    """Copy everything under remote prefix ``src`` into local folder ``dst`` (kept relative)."""
-    fs, path = resolve(src)
-    dst.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(dst), source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem(), use_threads=threads)
 
 
 def missing(locs: list) -> list:

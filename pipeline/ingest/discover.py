@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from stat import S_ISLNK, S_ISREG
+
+import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.errors import IngestError
 from pipeline.ingest.deid import MODALITIES, Deidentifier
 from pipeline.ingest.dicom_io import Header, read_header
 from pipeline.ingest.dicom_values import is_uid
+from pipeline.ingest.remote import REMOTE_BASE, holds_name, local_copies, virtual_root
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz", ".7z", ".rar", ".gz")
 NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
@@ -169,87 +168,65 @@ def _is_link(path: Path) -> bool:
         return False  # os.walk descends and reports the folder through its onerror
 
 
-STAGE_PREFIX = "regioncorpus-stage-"  # STAGE_PREFIX<pid>-<random>: a run's staged sources
+def _base(root) -> Path:
+    """The folder a root's files are keyed under: the root, or the folder of a root that is
+    one file; for a remote root its virtual path (:mod:`pipeline.ingest.remote`)."""
+    if isinstance(root, str):
+        return virtual_root(root).parent if storage.is_file(root) else virtual_root(root)
+    return root.parent if root.is_file() else root
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_orphaned_stages(parent: Path) -> int:
-    """Delete the staging folders of runs that are gone (killed before their cleanup): those
-    whose process id names no live process. Returns how many were removed."""
-    n = 0
-    for d in parent.glob(f"{STAGE_PREFIX}*-*"):
-        pid = d.name[len(STAGE_PREFIX):].partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-            n += 1
-    return n
-
-
-def keep_mtimes(remote, here: Path) -> None:
-    """Give each staged copy under ``here`` its object's modification time (LastModified), so
-    that the file index sees an object changed only when it was written again."""
-    _, prefix = storage.resolve(remote)
-    prefix = prefix.rstrip("/") + "/"
-    for info in storage.list_files(remote, recursive=True):
-        if info.mtime_ns is not None and info.path.startswith(prefix):
-            local = here.joinpath(*info.path[len(prefix):].split("/"))
-            try:
-                os.utime(local, ns=(info.mtime_ns, info.mtime_ns))
-            except FS_ERRORS:
-                continue  # not staged (an object name no local folder can hold)
-
-
-@contextmanager
-def local_roots(roots, stage_dir=None) -> Iterator[list[Path]]:
-    """The source roots as local folders: a remote root (``s3://bucket/prefix``) is copied
-    through :mod:`pipeline.storage` into a staging folder for the run (removed afterwards; each
-    copy keeps its object's modification time, :func:`keep_mtimes`), at
-    ``STAGE/<bucket>/<prefix>`` so that :func:`root_labels`, and with it every file key, is
-    what a local copy of the same prefix gets; a local root is used in place."""
-    if not any(storage.is_remote(r) for r in roots):
-        yield [Path(r) for r in roots]
-        return
-    parent = Path(stage_dir or tempfile.gettempdir())
-    remove_orphaned_stages(parent)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=parent))
-    try:
-        local = []
-        for r in roots:
-            if storage.is_remote(r):
-                here = stage.joinpath(*str(r).partition("://")[2].strip("/").split("/"))
-                storage.copy_tree(r, here)
-                keep_mtimes(r, here)
-                local.append(here)
-            else:
-                local.append(Path(r))
-        yield local
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+def _remote_entries(uri: str, base: Path, label: str, deid: Deidentifier,
+                    start: int) -> list[FileEntry]:
+    """The objects under remote root ``uri`` (or the one object it names) as entries, from
+    one listing (no object is read here; :mod:`pipeline.ingest.remote`): virtual paths, the
+    object's size and LastModified (resume's change test). An object whose name no path can
+    hold (an empty, ``.`` or ``..`` segment) is a ``filesystem`` row."""
+    fs, path = storage.resolve(uri)
+    one = fs.get_file_info(path)
+    infos = [one] if one.type == pafs.FileType.File else storage.list_files(uri, recursive=True)
+    scheme = uri.partition("://")[0].lower()
+    prefix = "/".join(base.relative_to(REMOTE_BASE).parts[1:]) + "/"  # bucket/prefix/
+    entries = []
+    for info in infos:
+        obj = f"{scheme}://{info.path}"
+        path = virtual_root(obj)
+        rel = f"{label}/{info.path.removeprefix(prefix)}"  # the object's own name, as listed
+        key, index = file_key(deid, rel), start + len(entries)
+        if not holds_name(obj) or not info.path.startswith(prefix):
+            entries.append(refused(index, path, rel, key))
+            continue
+        kind = _classify(path)
+        if kind == "archive":
+            entries.append(_final(index, path, rel, key, info.size, "skipped", IngestError(
+                "archive", "archives are not extracted")))
+        elif kind == "skip":
+            entries.append(_final(index, path, rel, key, info.size, "skipped", IngestError(
+                "not_medical", "not a DICOM or NIfTI file")))
+        else:
+            entries.append(FileEntry(index, path, rel, key, info.size, kind,
+                                     mtime_ns=info.mtime_ns or 0))
+    return entries
 
 
 def walk(roots, deid: Deidentifier) -> list[FileEntry]:
-    """Every non-directory entry under ``roots``, in a deterministic order.
+    """Every non-directory entry under ``roots``, in a deterministic order. A remote root
+    (``s3://``, ``gs://``) is listed, not read (:func:`_remote_entries`).
 
     Directory symlinks are not descended into; file symlinks are recorded (and followed only
     when they stay inside their root). A folder that cannot be listed is one ``filesystem``
     entry (the files in it cannot be counted).
     """
     entries: list[FileEntry] = []
-    roots = [Path(r) for r in roots]
+    roots = [str(r) if storage.is_remote(r) else Path(r) for r in roots]
     for root in roots:
-        if not root.exists():
+        if not (storage.exists(root) if isinstance(root, str) else root.exists()):
             raise ValueError(f"source {root}: no such file or directory")
-    bases = [r.parent if r.is_file() else r for r in roots]
+    bases = [_base(r) for r in roots]
     for root, base, label in zip(roots, bases, root_labels(bases), strict=True):
+        if isinstance(root, str):
+            entries.extend(_remote_entries(root, base, label, deid, len(entries)))
+            continue
         if root.is_file():
             entries.append(_entry(len(entries), root, base, label, deid))
             continue
@@ -291,11 +268,12 @@ def _settle(e: FileEntry, status: str, err: IngestError) -> None:
     e.status, e.reason, e.error = status, err.reason, err.message
 
 
-def _scan_one(e: FileEntry) -> None:
+def _scan_one(e: FileEntry, path: Path) -> None:
+    """Read the header of ``e`` from ``path`` (the file, or the fetched copy of its object)."""
     try:
-        e.header = read_header(e.path)
+        e.header = read_header(path)
     except IngestError as err:
-        err = as_filesystem(err, e.path)
+        err = as_filesystem(err, path)
         if err.reason == "unreadable" and (err.detail or "").startswith("not a DICOM"):
             _settle(e, "skipped", IngestError("not_medical", "not a DICOM file"))
         else:
@@ -366,9 +344,10 @@ def scan_headers(batch: list[FileEntry], deid: Deidentifier | None = None) -> li
     With ``deid`` the identifiers are keyed here (:func:`key_header`), so a batch's result
     carries no raw UID; without it :func:`pipeline.ingest.units.group_units` keys them."""
     shared: dict = {}
-    for e in batch:
-        if e.kind == "dicom" and not e.status and e.header is None:
-            _scan_one(e)
+    todo = [e for e in batch if e.kind == "dicom" and not e.status and e.header is None]
+    with local_copies(e.path for e in todo) as local:  # remote objects fetched, then removed
+        for e in todo:
+            _scan_one(e, local[e.path])
             if deid is not None:
                 key_header(e, deid, shared)
     return batch

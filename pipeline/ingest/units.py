@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.ingest.deid import Deidentifier
@@ -34,6 +34,21 @@ class UnitTask:
     annotations: dict[int, list] | None = None
     report: object | None = None  # pipeline.reports.tables.Report of the study (scrubbed text)
 
+    def paths(self) -> list[Path]:
+        """Every file the unit reads (images, label map or masks, names file)."""
+        files = [*self.image_files, *self.mask_files, self.label_file, self.names_file]
+        return [p for f in files if f is not None for _, p in [f]]
+
+    def localized(self, local: dict[Path, Path]) -> UnitTask:
+        """This unit reading ``local[path]`` for each of its paths (the fetched copies of a
+        remote source's objects, :func:`pipeline.ingest.remote.local_copies`)."""
+
+        def at(f):
+            return None if f is None else (f[0], local[f[1]])
+
+        return replace(self, image_files=[at(f) for f in self.image_files],
+                       mask_files=[at(f) for f in self.mask_files],
+                       label_file=at(self.label_file), names_file=at(self.names_file))
 
 
 def _stem(path: Path) -> str:

@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
@@ -25,7 +25,7 @@ from pipeline import storage
 from pipeline.config import PIPELINE_VERSION, BuildConfig, RequestError
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.dicom_io import missing_decoders
-from pipeline.ingest.discover import FileEntry, local_roots, walk
+from pipeline.ingest.discover import FileEntry, walk
 from pipeline.ingest.file_index import index_columns, reuse
 from pipeline.ingest.units import group_units
 from pipeline.run.attach import Tables, attach_tables, load_tables
@@ -289,15 +289,14 @@ def build(cfg: BuildConfig) -> dict:
     remove_stale_temporaries(cfg.out)
     ray_before = ray_running()
     try:
-        with local_roots(cfg.sources) as sources:
-            return _build(replace(cfg, sources=tuple(sources)), deid, tables)
+        return _build(cfg, deid, tables)
     finally:
         if not ray_before:  # started by this build (the header scan or the series stage)
             stop_ray()
 
 
 def _build(cfg: BuildConfig, deid: Deidentifier, tables: Tables | None = None) -> dict:
-    """:func:`build` once the sources are local folders (remote ones staged)."""
+    """:func:`build` once the request is checked."""
     timings, t = {}, time.monotonic()
     markers, replaced = committed_shards(cfg.out)
     n_found, pending, found, resume = _plan(cfg, deid, markers, replaced, tables)

@@ -31,6 +31,7 @@ from pipeline.ingest.deid import VOI_KEYS, Deidentifier
 from pipeline.ingest.dicom_io import dcmread_safe
 from pipeline.ingest.discover import as_filesystem
 from pipeline.ingest.read import read_dicom_series, read_nifti
+from pipeline.ingest.remote import local_copies
 from pipeline.ingest.units import UnitTask
 from pipeline.ingest.volume import Volume
 from pipeline.labels.dicom import rasterize_rtstruct, read_dicom_seg
@@ -357,7 +358,13 @@ def _regions_and_captions(images, result: UnitResult, names, cfg: BuildConfig,
 
 
 def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
-    """Read, de-identify, label and cut one unit. Never raises for bad input."""
+    """Read, de-identify, label and cut one unit. Never raises for bad input. The objects of a
+    remote source are fetched first and removed after (:mod:`pipeline.ingest.remote`)."""
+    with local_copies(task.paths()) as local:
+        return _process(task.localized(local), cfg, deid)
+
+
+def _process(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
     result = UnitResult(task.unit_key)
     clock = _Clock(result.stage_s)
     vol, read = _read_image_volume(task, cfg, deid, result)

@@ -1,17 +1,17 @@
-"""pipeline.storage on local paths: what a location is, joins, the atomic write, and that a
-local source root is used in place (remote behaviour: tests/pipeline/run/test_s3.py, against
-a real S3 server)."""
+"""pipeline.storage on local paths: what a location is, joins, the atomic write; and the names
+pipeline.ingest.remote gives objects (virtual paths, fetched copies). Remote behaviour:
+tests/pipeline/run/test_s3.py, against a real S3 server."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline import storage
-from pipeline.ingest.discover import local_roots
+from pipeline.ingest import remote
 
 SEGMENT = st.text(st.characters(whitelist_categories=("L", "N"), whitelist_characters="-_."),
                   min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
@@ -70,23 +70,80 @@ def test_delete_and_list_files(tmp_path):
     assert storage.list_files(tmp_path / "absent") == []
 
 
-def test_local_roots_are_used_in_place(tmp_path):
-    with local_roots([tmp_path, str(tmp_path / "b")]) as roots:
-        assert roots == [tmp_path, tmp_path / "b"]
+CANARY = "DOE^JANE_19450101"
+# object names as users write them: any text, slashes doubled, dot segments, a patient's name
+NAME_PART = st.one_of(st.text(min_size=0, max_size=10), st.sampled_from(
+    ["", ".", "..", CANARY, "IM-0001.dcm", "CT_seg.nii.gz", "x.NII", "names.json", "a b", "é^"]))
 
 
-def test_orphaned_staging_folders_are_removed_live_ones_kept(tmp_path):
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from(["s3", "gs"]), st.lists(NAME_PART, min_size=1, max_size=6))
+def test_an_object_either_round_trips_through_its_virtual_path_or_is_refused(scheme, parts):
+    """Two objects never share a virtual path: a name with an empty, ``.`` or ``..`` segment
+    (which a path would fold) is refused (a ``filesystem`` row), every other comes back."""
+    uri = f"{scheme}://bucket-a/{'/'.join(parts)}"
+    if "\x00" in uri:
+        return
+    path = remote.virtual_root(uri)
+    assert path.is_relative_to(remote.REMOTE_BASE)
+    if remote.holds_name(uri):
+        assert remote.object_uri(path) == uri
+    else:
+        assert any(p in ("", ".", "..") for p in parts) or remote.object_uri(path) != uri
+    assert remote.object_uri(Path("/data") / "/".join(p for p in parts if p)) is None
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(NAME_PART.filter(lambda p: p not in ("", ".", "..")), min_size=1, max_size=5))
+def test_fetched_copies_are_named_by_number_and_format_only(parts):
+    """A fetched copy's name is a number and a suffix from the fixed list (``.nii.gz`` tells
+    nibabel the format): nothing of the object's name, a patient's name, reaches the disk."""
+    import re
+
+    uri = f"s3://bucket-a/{'/'.join(parts)}"
+    assume(remote.holds_name(uri) and "\x00" not in uri)  # others are refused at the listing
+    path = remote.virtual_root(uri)
+    seen = []
+    orig = remote.fetch
+    remote.fetch = lambda u, dest, scratch: seen.append((u, dest)) or False
+    try:
+        with remote.local_copies([path, Path("/local/file.dcm")]) as local:
+            assert local[Path("/local/file.dcm")] == Path("/local/file.dcm")
+            here = local[path]
+    finally:
+        remote.fetch = orig
+    assert seen == [(uri, here)]
+    assert re.fullmatch(r"\d{6}(\.nii\.gz|\.nii|\.json|\.dcm)?", here.name)
+    assert here.name.endswith(remote._suffix(path)) and CANARY not in str(here)
+    assert not here.parent.exists()  # removed on exit
+
+
+def test_gz_named_objects_are_read_and_written_as_stored(tmp_path):
+    """pyarrow guesses compression from a name by default: a ``.nii.gz`` object would come
+    back decompressed (and a nibabel read of the copy fail). Bytes are moved as stored."""
+    import gzip
+
+    body = gzip.compress(b"label volume")
+    storage.put_bytes(tmp_path / "CT_seg.nii.gz", body)
+    assert (tmp_path / "CT_seg.nii.gz").read_bytes() == body
+    assert storage.read_bytes(tmp_path / "CT_seg.nii.gz") == body
+    dest = tmp_path / "copy.nii.gz"
+    (tmp_path / "scratch").mkdir()
+    assert remote.fetch(str(tmp_path / "CT_seg.nii.gz"), dest, tmp_path / "scratch")
+    assert dest.read_bytes() == body
+
+
+def test_orphaned_fetch_folders_are_removed_live_ones_kept(tmp_path):
     import os
     import subprocess
     import sys
 
-    from pipeline.ingest.discover import STAGE_PREFIX, remove_orphaned_stages
-
+    prefix = remote.FETCH_PREFIX
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    dead, live = tmp_path / f"{STAGE_PREFIX}{gone}-abc", tmp_path / f"{STAGE_PREFIX}{os.getpid()}-x"
+    dead, live = tmp_path / f"{prefix}{gone}-abc", tmp_path / f"{prefix}{os.getpid()}-x"
     other = tmp_path / "unrelated-1-x"
     for d in (dead, live, other):
-        (d / "bucket").mkdir(parents=True)
-    assert remove_orphaned_stages(tmp_path) == 1
+        (d / "partial").mkdir(parents=True)
+    assert remote.remove_orphans(tmp_path) == 1
     assert not dead.exists() and live.exists() and other.exists()

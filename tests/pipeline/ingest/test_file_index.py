@@ -206,27 +206,6 @@ def _write(tmp_path, rows):
     return file_index_path(out)
 
 
-def test_staged_copies_keep_their_objects_modification_time(tmp_path, monkeypatch):
-    """A remote source is staged by copying: each copy gets its object's LastModified, so an
-    object not written again is unchanged for the index (a copy's own time would change every
-    run and every header would be read again)."""
-    import pyarrow.fs as pafs
-
-    from pipeline import storage
-
-    here = tmp_path / "stage"
-    (here / "p" / "s").mkdir(parents=True)
-    (here / "p" / "s" / "IM1.dcm").write_bytes(b"x")
-    when = 1_600_000_000_123_456_789
-    listing = [pafs.FileInfo("bucket/src/p/s/IM1.dcm", pafs.FileType.File, mtime_ns=when),
-               pafs.FileInfo("bucket/src/p/gone.dcm", pafs.FileType.File, mtime_ns=when)]
-    monkeypatch.setattr(storage, "resolve", lambda loc: (None, "bucket/src"))
-    monkeypatch.setattr(storage, "list_files", lambda loc, recursive=False: listing)
-    discover.keep_mtimes("s3://bucket/src", here)
-    assert (here / "p" / "s" / "IM1.dcm").stat().st_mtime_ns == when
-    assert not (here / "p" / "gone.dcm").exists()
-
-
 def test_ray_header_scan_equals_the_local_one(tmp_path):
     """``--executor ray``: header-scan batches run as Ray tasks (each in its own isolated
     child); the same rows and the same index as the local scan, and a resume reads nothing."""

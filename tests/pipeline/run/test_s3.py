@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.ingest.discover import STAGE_PREFIX
+from pipeline.ingest import remote
 from pipeline.write import committed_files, committed_tables, read_manifest, read_table
 from workflows.build_corpus import main
 
@@ -153,8 +153,6 @@ def test_kill9_after_first_commit_then_rerun_is_exactly_once(s3, phantoms, local
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    left = Path(tempfile.gettempdir()).glob(f"{STAGE_PREFIX}{proc.pid}-*")
-    assert list(left), "the killed run left no staging folder: nothing to clean up"
     n = _commits(out)
     assert 1 <= n < 3, f"killed after {n} of 3 commits: nothing to resume"
     before = {p: storage.read_bytes(f"s3://{p}") for p in _objects(f"{out}/_commits")}
@@ -163,8 +161,83 @@ def test_kill9_after_first_commit_then_rerun_is_exactly_once(s3, phantoms, local
     _check_exactly_once(out)
     after = {p: storage.read_bytes(f"s3://{p}") for p in _objects(f"{out}/_commits")}
     assert {p: after[p] for p in before} == before  # committed shards kept, not redone
-    assert not list(Path(tempfile.gettempdir()).glob(f"{STAGE_PREFIX}{proc.pid}-*"))
     assert _row_hashes(out) == _row_hashes(local_corpus)
+    assert not _fetch_folders(dead_only=True)  # whatever the killed run's workers left
+
+
+def _fetch_folders(dead_only: bool = False) -> list[Path]:
+    found = Path(tempfile.gettempdir()).glob(f"{remote.FETCH_PREFIX}*-*")
+    pid = lambda d: int(d.name[len(remote.FETCH_PREFIX):].partition("-")[0])  # noqa: E731
+    return [d for d in found if not dead_only or not remote._alive(pid(d))]
+
+
+def test_workers_fetch_the_objects_the_driver_only_lists(s3, phantoms, tmp_path, monkeypatch):
+    """No source is staged: the driver lists the bucket and fetches nothing; the forked
+    workers fetch each object they read (a DICOM at most twice: its header, its unit) and
+    remove their copies when the batch or unit is done."""
+    log = tmp_path / "fetches"
+    fetch = remote.fetch
+
+    def logged(uri, dest, scratch):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {uri}\n")
+        return fetch(uri, dest, scratch)
+
+    monkeypatch.setattr(remote, "fetch", logged)  # the forked workers inherit it
+    out = f"{s3}/fetched"
+    assert main([f"{s3}/src", "--out", out, *ARGS]) == 0
+    pids, uris = zip(*(line.split(" ", 1) for line in log.read_text().splitlines()),
+                     strict=True)
+    assert str(os.getpid()) not in pids, "the driver fetched a source object"
+    objects = {f"s3://{p}" for p in _objects(f"{s3}/src")}
+    counts = {u: uris.count(u) for u in set(uris)}
+    assert set(counts) <= objects and max(counts.values()) <= 2
+    dicoms = {u for u in objects if u.endswith(".dcm")}
+    assert dicoms and all(counts.get(u) == 2 for u in dicoms)  # header scan + its unit
+    assert not [d for d in _fetch_folders() if d.name.split("-")[2] in pids]
+
+
+def test_resume_rescans_only_rewritten_objects(s3, phantoms):
+    """The file index of an S3 build: a rerun with nothing changed reads no header (each
+    entry's size and LastModified come from the listing); an object written again (a new
+    LastModified, the same bytes) is read again, alone."""
+    out = f"{s3}/resume"
+    assert main([f"{s3}/src", "--out", out, *ARGS]) == 0
+    first = read_manifest(out)["header_scan"]
+    assert first["scanned"] > 0 and first["from_index"] == 0
+    assert main([f"{s3}/src", "--out", out, *ARGS]) == 0
+    assert read_manifest(out)["header_scan"] == {**first, "scanned": 0,
+                                                 "from_index": first["scanned"]}
+    one = next(p for p in sorted(_objects(f"{s3}/src")) if p.endswith(".dcm"))
+    time.sleep(1.1)  # LastModified has whole seconds on some servers
+    storage.put_bytes(f"s3://{one}", storage.read_bytes(f"s3://{one}"))
+    assert main([f"{s3}/src", "--out", out, *ARGS]) == 0
+    assert read_manifest(out)["header_scan"]["scanned"] == 1
+    _check_exactly_once(out)
+
+
+def test_object_names_no_path_can_hold_are_rows_not_crashes(s3, phantoms):
+    """Keys with an empty or dot segment (``a//b``, ``./x``) would fold onto another object's
+    path: each is one ``filesystem`` row; the listing's other objects are walked as usual."""
+    from pipeline.ingest.deid import Deidentifier
+    from pipeline.ingest.discover import walk
+
+    dcm = next(p for p in sorted(_objects(f"{s3}/src")) if p.endswith(".dcm"))
+    body = storage.read_bytes(f"s3://{dcm}")
+    import boto3  # pyarrow refuses to write such keys; other tools (and users) do not
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for name in ("ok/IM1.dcm", "ok//IM1.dcm", "x/./IM2.dcm", "y/../IM3.dcm"):
+        client.put_object(Bucket=BUCKET, Key=f"odd/{name}", Body=body)
+    listed = storage.list_files(f"{s3}/odd", recursive=True)
+    entries = walk([f"{s3}/odd"], Deidentifier(b"k" * 32))
+    assert len(entries) == len(listed) >= 2
+    assert len({e.file_key for e in entries}) == len(entries)
+    assert len({e.path for e in entries if not e.status}) == sum(not e.status for e in entries)
+    by_name = {e.rel: (e.status, e.reason) for e in entries}
+    assert by_name["odd/ok/IM1.dcm"] == (None, None)
+    assert all(v == ("quarantined", "filesystem") for k, v in by_name.items()
+               if k != "odd/ok/IM1.dcm")
 
 
 def test_catalogs_duckdb_and_pyarrow_read_the_s3_corpus(s3_corpus):
