@@ -339,15 +339,32 @@ def keyed_as(kind: str, value: str, deid: Deidentifier, shared: dict) -> str:
     return shared[(kind, value)]
 
 
+HEAD_BYTES = 1 << 16  # of a remote object, fetched for its header scan first
+
+
 def scan_headers(batch: list[FileEntry], deid: Deidentifier | None = None) -> list[FileEntry]:
     """Batch stage: read DICOM headers; unreadable files become quarantined/skipped entries.
     With ``deid`` the identifiers are keyed here (:func:`key_header`), so a batch's result
-    carries no raw UID; without it :func:`pipeline.ingest.units.group_units` keys them."""
-    shared: dict = {}
+    carries no raw UID; without it :func:`pipeline.ingest.units.group_units` keys them.
+
+    A remote object is read from its first :data:`HEAD_BYTES` (one ranged GET). That read is
+    kept only when it reached the pixel data element (so every element before it was parsed)
+    or held the whole object; any other object (no pixel data: RTSTRUCT; a header longer than
+    the prefix; deflated or encapsulated data sets a prefix cannot parse) is fetched whole and
+    read again, so a verdict never rests on part of a file."""
     todo = [e for e in batch if e.kind == "dicom" and not e.status and e.header is None]
-    with local_copies(e.path for e in todo) as local:  # remote objects fetched, then removed
+    with local_copies((e.path for e in todo), limit=HEAD_BYTES) as local:
         for e in todo:
             _scan_one(e, local[e.path])
-            if deid is not None:
-                key_header(e, deid, shared)
+    again = [e for e in todo if local[e.path] != e.path and e.size > HEAD_BYTES
+             and not (e.header is not None and e.header.has_pixels)]
+    for e in again:
+        e.header = e.status = e.reason = e.error = None
+    with local_copies(e.path for e in again) as local:
+        for e in again:
+            _scan_one(e, local[e.path])
+    shared: dict = {}
+    for e in todo:
+        if deid is not None:
+            key_header(e, deid, shared)
     return batch

@@ -94,9 +94,10 @@ def remove_orphans(parent: Path) -> int:
 _swept: set[int] = set()  # processes that have cleaned up their node's orphans once
 
 
-def fetch(uri: str, dest: Path, scratch: Path) -> bool:
-    """Copy one object to ``dest`` → True; False (and no file) when it cannot be read. The
-    bytes arrive in folder ``scratch`` first: ``dest`` appears whole or not at all."""
+def fetch(uri: str, dest: Path, scratch: Path, limit: int | None = None) -> bool:
+    """Copy one object (its first ``limit`` bytes: one ranged GET) to ``dest`` → True; False
+    (and no file) when it cannot be read. The bytes arrive in folder ``scratch`` first:
+    ``dest`` appears whole or not at all."""
     fd, tmp = tempfile.mkstemp(dir=scratch)
     os.close(fd)
     tmp = Path(tmp)
@@ -104,8 +105,11 @@ def fetch(uri: str, dest: Path, scratch: Path) -> bool:
         fs, path = storage.resolve(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(path, compression=None) as src, open(tmp, "wb") as out:
-            while chunk := src.read(_CHUNK):
-                out.write(chunk)
+            if limit is not None:
+                out.write(src.read(limit))
+            else:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
         os.replace(tmp, dest)
         return True
     except (OSError, ValueError):  # pyarrow raises OSError subclasses for remote errors
@@ -114,10 +118,11 @@ def fetch(uri: str, dest: Path, scratch: Path) -> bool:
 
 
 @contextmanager
-def local_copies(paths: Iterable[Path]) -> Iterator[dict[Path, Path]]:
+def local_copies(paths: Iterable[Path], limit: int | None = None) -> Iterator[dict[Path, Path]]:
     """``path → local path`` for every path given: a local path maps to itself; a virtual path
-    to a fetched copy (which is missing when the fetch failed) inside a private temporary
-    folder, removed on exit, whatever happens in the block."""
+    to a fetched copy (which is missing when the fetch failed; only the object's first
+    ``limit`` bytes when given) inside a private temporary folder, removed on exit, whatever
+    happens in the block."""
     paths = list(dict.fromkeys(paths))
     remote = [(p, u) for p in paths if (u := object_uri(p)) is not None]
     if not remote:
@@ -136,7 +141,7 @@ def local_copies(paths: Iterable[Path]) -> Iterator[dict[Path, Path]]:
         scratch = here / "partial"
         scratch.mkdir()
         with ThreadPoolExecutor(min(FETCH_THREADS, len(remote))) as pool:
-            list(pool.map(lambda pu: fetch(pu[1], local[pu[0]], scratch), remote))
+            list(pool.map(lambda pu: fetch(pu[1], local[pu[0]], scratch, limit), remote))
         yield local
     finally:
         shutil.rmtree(here, ignore_errors=True)

@@ -178,10 +178,10 @@ def test_workers_fetch_the_objects_the_driver_only_lists(s3, phantoms, tmp_path,
     log = tmp_path / "fetches"
     fetch = remote.fetch
 
-    def logged(uri, dest, scratch):
+    def logged(uri, dest, scratch, limit=None):
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {uri}\n")
-        return fetch(uri, dest, scratch)
+        return fetch(uri, dest, scratch, limit)
 
     monkeypatch.setattr(remote, "fetch", logged)  # the forked workers inherit it
     out = f"{s3}/fetched"
@@ -214,6 +214,40 @@ def test_resume_rescans_only_rewritten_objects(s3, phantoms):
     assert main([f"{s3}/src", "--out", out, *ARGS]) == 0
     assert read_manifest(out)["header_scan"]["scanned"] == 1
     _check_exactly_once(out)
+
+
+def test_header_scan_of_objects_equals_the_local_scan(s3, tmp_path, monkeypatch):
+    """Every DICOM file pydicom ships (deflated, encapsulated, big-endian, truncated, no pixel
+    data, RTSTRUCT, ...) scanned from its object gives the header and verdict of the local
+    scan, with the ranged first read made 2 KiB so that most objects take the prefix path and
+    many the whole-object fallback; the prefix is trusted only for objects whose pixel data
+    element it reached."""
+    import shutil
+
+    from pydicom.data import get_testdata_files
+
+    from pipeline.ingest import discover
+    from pipeline.ingest.deid import Deidentifier
+
+    src = tmp_path / "pydicom"
+    src.mkdir()
+    for f in get_testdata_files("*.dcm"):
+        shutil.copy(f, src / Path(f).name)
+    fs, prefix = storage.resolve(f"{s3}/pydicom")
+    pafs.copy_files(str(src), prefix, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    monkeypatch.setattr(discover, "HEAD_BYTES", 2048)
+    limits = []
+    fetch = remote.fetch
+    monkeypatch.setattr(remote, "fetch", lambda u, d, s, limit=None: limits.append(limit)
+                        or fetch(u, d, s, limit))
+    deid = Deidentifier(b"k" * 32)
+    scans = [discover.scan_headers(discover.walk([root], deid), deid)
+             for root in (src, f"{s3}/pydicom")]
+    local, objects = ({e.rel: (e.status, e.reason, e.header) for e in s} for s in scans)
+    assert len(local) > 50 and objects == local
+    whole = limits.count(None)
+    assert 0 < whole < limits.count(2048) == len(local)  # some kept their prefix, some not
 
 
 def test_object_names_no_path_can_hold_are_rows_not_crashes(s3, phantoms):
