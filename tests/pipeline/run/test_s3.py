@@ -197,6 +197,16 @@ def test_workers_fetch_the_objects_the_driver_only_lists(s3, phantoms, tmp_path,
     assert not [d for d in _fetch_folders() if d.name.split("-")[2] in pids]
 
 
+def test_ray_build_from_s3_equals_the_local_build(s3, phantoms, local_corpus):
+    """``--executor ray``: the header-scan tasks and the unit actors fetch the objects (Ray's
+    workers inherit the AWS variables of the driver that started them); same rows."""
+    out = f"{s3}/ray"
+    assert main([f"{s3}/src", "--out", out, "--executor", "ray", "--workers", "2",
+                 "--units-per-shard", "1"]) == 0
+    assert _row_hashes(out) == _row_hashes(local_corpus)
+    _check_exactly_once(out)
+
+
 def test_resume_rescans_only_rewritten_objects(s3, phantoms):
     """The file index of an S3 build: a rerun with nothing changed reads no header (each
     entry's size and LastModified come from the listing); an object written again (a new
