@@ -16,12 +16,14 @@ temporary folder, each copy named by a number and its format's suffix, never by 
 name, which may hold a patient's name) and removed when the batch or unit is done, so a node holds only the files it is working on and the
 driver never downloads a source. A fetch that fails (the object gone since the listing, access
 refused) leaves no file: the reader then reports a ``filesystem`` row, as for a local file that
-vanished. Folders of processes killed before their cleanup are removed by the next
-:func:`local_copies` on that node (:func:`remove_orphans`).
+vanished. A folder's process holds a lock on it while it is in use; folders whose lock nobody
+holds (their process was killed before its cleanup) are removed by the next process that
+fetches on that node (:func:`remove_orphans`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -34,6 +36,7 @@ from pipeline import storage
 
 REMOTE_BASE = Path("/regioncorpus-remote")
 FETCH_PREFIX = "regioncorpus-fetch-"  # FETCH_PREFIX<pid>-<random>: one batch's or unit's copies
+LOCK_NAME = "lock"  # in a fetch folder: locked by its process while the folder is in use
 FETCH_THREADS = 8  # objects fetched at once by one process (a CT series is hundreds of GETs)
 _CHUNK = 1 << 20
 KEPT_SUFFIXES = (".nii.gz", ".nii", ".json", ".dcm")
@@ -69,23 +72,32 @@ def holds_name(uri: str) -> bool:
         and object_uri(virtual_root(uri)) == uri
 
 
-def _alive(pid: int) -> bool:
+def _held(folder: Path) -> bool:
+    """True while the process that made ``folder`` lives: it holds an exclusive lock on the
+    folder's ``lock`` file, which the kernel releases when the process ends however it ends
+    (a process id would not do: pid namespaces share a node's temporary folder, and ids are
+    reused). A folder without its lock file yet is being made: held."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
         return True
-    return True
+    except OSError:
+        return True  # cannot tell: keep it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock this call may have taken
+    return False
 
 
 def remove_orphans(parent: Path) -> int:
-    """Delete the fetch folders under ``parent`` of processes that are gone (killed before their
-    cleanup): those whose process id names no live process on this node → how many."""
+    """Delete the fetch folders under ``parent`` whose process is gone (killed before its
+    cleanup: no process holds the folder's lock) → how many."""
     n = 0
-    for d in parent.glob(f"{FETCH_PREFIX}*-*"):
-        pid = d.name[len(FETCH_PREFIX):].partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    for d in parent.glob(f"{FETCH_PREFIX}*"):
+        if d.is_dir() and not _held(d):
             shutil.rmtree(d, ignore_errors=True)
             n += 1
     return n
@@ -133,6 +145,8 @@ def local_copies(paths: Iterable[Path], limit: int | None = None) -> Iterator[di
         remove_orphans(parent)
         _swept.add(os.getpid())
     here = Path(tempfile.mkdtemp(prefix=f"{FETCH_PREFIX}{os.getpid()}-", dir=parent))
+    lock = os.open(here / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held until this block ends (or the process does)
     try:
         local = {p: p for p in paths}
         # copies named by number (no source name on the node's disk), partial downloads in
@@ -145,3 +159,4 @@ def local_copies(paths: Iterable[Path], limit: int | None = None) -> Iterator[di
         yield local
     finally:
         shutil.rmtree(here, ignore_errors=True)
+        os.close(lock)

@@ -105,7 +105,7 @@ def test_fetched_copies_are_named_by_number_and_format_only(parts):
     path = remote.virtual_root(uri)
     seen = []
     orig = remote.fetch
-    remote.fetch = lambda u, dest, scratch: seen.append((u, dest)) or False
+    remote.fetch = lambda u, dest, scratch, limit=None: seen.append((u, dest)) or False
     try:
         with remote.local_copies([path, Path("/local/file.dcm")]) as local:
             assert local[Path("/local/file.dcm")] == Path("/local/file.dcm")
@@ -133,17 +133,43 @@ def test_gz_named_objects_are_read_and_written_as_stored(tmp_path):
     assert dest.read_bytes() == body
 
 
-def test_orphaned_fetch_folders_are_removed_live_ones_kept(tmp_path):
+FETCHER = """
+import sys, time
+from pathlib import Path
+from pipeline.ingest import remote
+remote.fetch = lambda *a, **k: time.sleep(3600)  # a fetch that never ends
+with remote.local_copies([remote.virtual_root("s3://bucket-a/" + sys.argv[1])]):
+    pass
+"""
+
+
+def test_folders_of_killed_fetchers_are_removed_live_ones_kept(tmp_path):
+    """kill -9 in the middle of a fetch leaves its folder; the next sweep on the node removes
+    it, and keeps the folder of a fetcher that is still running (liveness by the folder's
+    lock, not by process ids, which other pid namespaces on the node reuse)."""
     import os
+    import signal
     import subprocess
     import sys
+    import time
 
-    prefix = remote.FETCH_PREFIX
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    dead, live = tmp_path / f"{prefix}{gone}-abc", tmp_path / f"{prefix}{os.getpid()}-x"
-    other = tmp_path / "unrelated-1-x"
-    for d in (dead, live, other):
-        (d / "partial").mkdir(parents=True)
-    assert remote.remove_orphans(tmp_path) == 1
-    assert not dead.exists() and live.exists() and other.exists()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", FETCHER, name], env=env)
+             for name in ("killed.dcm", "running.dcm")]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob(f"{remote.FETCH_PREFIX}*/{remote.LOCK_NAME}"))) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        time.sleep(0.2)  # both hold their locks
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        other = tmp_path / "unrelated-1-x"
+        other.mkdir()
+        assert remote.remove_orphans(tmp_path) == 1
+        left = list(tmp_path.glob(f"{remote.FETCH_PREFIX}*"))
+        assert [d.name.split("-")[2] for d in left] == [str(procs[1].pid)] and other.exists()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

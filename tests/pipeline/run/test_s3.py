@@ -167,8 +167,7 @@ def test_kill9_after_first_commit_then_rerun_is_exactly_once(s3, phantoms, local
 
 def _fetch_folders(dead_only: bool = False) -> list[Path]:
     found = Path(tempfile.gettempdir()).glob(f"{remote.FETCH_PREFIX}*-*")
-    pid = lambda d: int(d.name[len(remote.FETCH_PREFIX):].partition("-")[0])  # noqa: E731
-    return [d for d in found if not dead_only or not remote._alive(pid(d))]
+    return [d for d in found if not dead_only or not remote._held(d)]
 
 
 def test_workers_fetch_the_objects_the_driver_only_lists(s3, phantoms, tmp_path, monkeypatch):
