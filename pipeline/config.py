@@ -118,6 +118,10 @@ class BuildConfig:
                 if name not in known:
                     raise ValueError(f"--collection {name}: unknown layout; known: "
                                      f"{', '.join(sorted(known))}")
+                scheme, sep, _ = str(root).partition(":/")  # also after Path folded "//"
+                if sep and scheme.lower() in storage.REMOTE_SCHEMES:
+                    raise ValueError(f"--collection {name} {root}: a collection is read from a "
+                                     "local folder (give an s3:// or gs:// prefix as a SOURCE)")
                 if not Path(root).is_dir():
                     raise ValueError(f"--collection {name} {root}: no such folder")
         from pipeline.ingest.remote import REMOTE_BASE

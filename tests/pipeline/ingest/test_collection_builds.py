@@ -71,3 +71,13 @@ def test_brats_sequences_share_one_label_map(tmp_path):
 def test_unknown_collection_is_named(tmp_path, capsys):
     assert main(["--collection", "nope", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--collection nope" in capsys.readouterr().err
+
+
+def test_remote_collection_root_is_refused_with_its_reason(tmp_path, capsys):
+    """A collection layout is read from a local folder; an s3:// root says so (not "no such
+    folder"), before any work."""
+    assert main(["--collection", "brats", "s3://bucket-a/brats", "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "local folder" in err and "no such folder" not in err
+    assert not (tmp_path / "o").exists()
