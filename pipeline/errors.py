@@ -34,7 +34,7 @@ REASONS = {
     "decode_timeout": "decoding exceeded the time limit",
     "decode_memory": "decoding exceeded the memory cap",
     "decode_crash": "the decoding process died",
-    "size_budget": "declared dimensions exceed the byte budget (decompression bomb guard)",
+    "size_budget": "declared dimensions or the stored size exceed the byte budget (bomb guard)",
     "geometry": "inconsistent or missing geometry (orientation, position, spacing)",
     "missing_slices": "gap in slice positions",
     "uneven_spacing": "slice spacing is not uniform",

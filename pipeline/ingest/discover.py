@@ -105,7 +105,8 @@ def _target(path: Path) -> os.stat_result | None:
         return None
 
 
-def _classified(index, path: Path, root: Path, rel: str, key: str) -> FileEntry:
+def _classified(index, path: Path, root: Path, rel: str, key: str,
+                max_bytes: int | None = None) -> FileEntry:
     """The entry for ``path``. Every path operation here may raise (FS_ERRORS): the caller
     makes that a ``filesystem`` entry. (``Path.is_file`` is not used: it answers False for
     errors it swallows, and a vanished file would pass for something that is not a file.)"""
@@ -121,14 +122,26 @@ def _classified(index, path: Path, root: Path, rel: str, key: str) -> FileEntry:
     elif not S_ISREG(st.st_mode):
         return _final(index, path, rel, key, 0, "skipped",
                       IngestError("not_regular", "not a regular file"))
+    return _candidate(index, path, rel, key, st.st_size, st.st_mtime_ns, max_bytes)
+
+
+def _candidate(index, path, rel, key, size: int, mtime_ns: int,
+               max_bytes: int | None) -> FileEntry:
+    """The entry of a regular file (or object) by its name and size: archives and files that
+    are not medical get their final status; a candidate larger than ``max_bytes`` (bigger than
+    any file the series budget lets through: it is neither read nor, remote, fetched) is a
+    ``size_budget`` row."""
     kind = _classify(path)
     if kind == "archive":
-        return _final(index, path, rel, key, st.st_size, "skipped",
+        return _final(index, path, rel, key, size, "skipped",
                       IngestError("archive", "archives are not extracted"))
     if kind == "skip":
-        return _final(index, path, rel, key, st.st_size, "skipped",
+        return _final(index, path, rel, key, size, "skipped",
                       IngestError("not_medical", "not a DICOM or NIfTI file"))
-    return FileEntry(index, path, rel, key, st.st_size, kind, mtime_ns=st.st_mtime_ns)
+    if max_bytes is not None and size > max_bytes:
+        return _final(index, path, rel, key, size, "quarantined",
+                      IngestError("size_budget", "file larger than the series byte budget"))
+    return FileEntry(index, path, rel, key, size, kind, mtime_ns=mtime_ns)
 
 
 def refused(index: int, path: Path, rel: str, key: str) -> FileEntry:
@@ -152,11 +165,12 @@ def root_labels(roots: list[Path]) -> list[str]:
     return labels
 
 
-def _entry(index, path: Path, root: Path, label: str, deid: Deidentifier) -> FileEntry:
+def _entry(index, path: Path, root: Path, label: str, deid: Deidentifier,
+           max_bytes: int | None = None) -> FileEntry:
     rel = f"{label}/{path.relative_to(root).as_posix()}"
     key = file_key(deid, rel)
     try:
-        return _classified(index, path, root, rel, key)
+        return _classified(index, path, root, rel, key, max_bytes)
     except FS_ERRORS:
         return refused(index, path, rel, key)
 
@@ -176,8 +190,8 @@ def _base(root) -> Path:
     return root.parent if root.is_file() else root
 
 
-def _remote_entries(uri: str, base: Path, label: str, deid: Deidentifier,
-                    start: int) -> list[FileEntry]:
+def _remote_entries(uri: str, base: Path, label: str, deid: Deidentifier, start: int,
+                    max_bytes: int | None = None) -> list[FileEntry]:
     """The objects under remote root ``uri`` (or the one object it names) as entries, from
     one listing (no object is read here; :mod:`pipeline.ingest.remote`): virtual paths, the
     object's size and LastModified (resume's change test). An object whose name no path can
@@ -196,22 +210,15 @@ def _remote_entries(uri: str, base: Path, label: str, deid: Deidentifier,
         if not holds_name(obj) or not info.path.startswith(prefix):
             entries.append(refused(index, path, rel, key))
             continue
-        kind = _classify(path)
-        if kind == "archive":
-            entries.append(_final(index, path, rel, key, info.size, "skipped", IngestError(
-                "archive", "archives are not extracted")))
-        elif kind == "skip":
-            entries.append(_final(index, path, rel, key, info.size, "skipped", IngestError(
-                "not_medical", "not a DICOM or NIfTI file")))
-        else:
-            entries.append(FileEntry(index, path, rel, key, info.size, kind,
-                                     mtime_ns=info.mtime_ns or 0))
+        entries.append(_candidate(index, path, rel, key, info.size, info.mtime_ns or 0,
+                                  max_bytes))
     return entries
 
 
-def walk(roots, deid: Deidentifier) -> list[FileEntry]:
+def walk(roots, deid: Deidentifier, max_bytes: int | None = None) -> list[FileEntry]:
     """Every non-directory entry under ``roots``, in a deterministic order. A remote root
-    (``s3://``, ``gs://``) is listed, not read (:func:`_remote_entries`).
+    (``s3://``, ``gs://``) is listed, not read (:func:`_remote_entries`). A candidate file
+    larger than ``max_bytes`` is a ``size_budget`` row here, before anything reads it.
 
     Directory symlinks are not descended into; file symlinks are recorded (and followed only
     when they stay inside their root). A folder that cannot be listed is one ``filesystem``
@@ -225,10 +232,10 @@ def walk(roots, deid: Deidentifier) -> list[FileEntry]:
     bases = [_base(r) for r in roots]
     for root, base, label in zip(roots, bases, root_labels(bases), strict=True):
         if isinstance(root, str):
-            entries.extend(_remote_entries(root, base, label, deid, len(entries)))
+            entries.extend(_remote_entries(root, base, label, deid, len(entries), max_bytes))
             continue
         if root.is_file():
-            entries.append(_entry(len(entries), root, base, label, deid))
+            entries.append(_entry(len(entries), root, base, label, deid, max_bytes))
             continue
 
         def unlisted(err: OSError, root=root, label=label) -> None:
@@ -240,7 +247,7 @@ def walk(roots, deid: Deidentifier) -> list[FileEntry]:
             dirnames.sort()
             here = Path(dirpath)
             for name in sorted(filenames) + sorted(d for d in dirnames if _is_link(here / d)):
-                entries.append(_entry(len(entries), here / name, root, label, deid))
+                entries.append(_entry(len(entries), here / name, root, label, deid, max_bytes))
     return entries
 
 

@@ -61,6 +61,11 @@ from pipeline.write import (
 log = logging.getLogger("regioncorpus")
 
 
+# A stored file holds its decoded pixels (compressed: fewer bytes) plus its header: one larger than
+# the series budget by more than this cannot pass the reader's budget checks, and is refused by
+# its size before anything reads it (or, from object storage, fetches it).
+FILE_SLACK_BYTES = 64 << 20
+
 # Fields that say how a build runs, not what it makes: they may change between runs.
 RUN_FIELDS = ("execution", "collections", "regions.device")
 
@@ -172,7 +177,8 @@ def discover(cfg: BuildConfig, deid: Deidentifier) -> tuple[list[FileEntry], dic
     """Walk the sources and scan the headers of the DICOM files that are new or changed since
     the file index in ``cfg.out`` was written (all of them when it is missing or not
     trusted); then replace the index → (entries, counts: files, from_index, scanned)."""
-    entries = walk([*cfg.sources, *(root for _, root in cfg.collections)], deid)
+    entries = walk([*cfg.sources, *(root for _, root in cfg.collections)], deid,
+                   max_bytes=cfg.read.series_budget_bytes + FILE_SLACK_BYTES)
     reused = reuse(entries, read_file_index(cfg.out, deid.key_id))
     scanned = scan(entries, cfg, deid)
     write_file_index(cfg.out, index_columns(entries), deid.key_id)

@@ -140,3 +140,34 @@ def test_memory_bombs_are_rows_and_the_build_stays_under_budget(tmp_path):
     assert len(rows) == 3 + 4  # the series' slices and the four bombs, one row each
     refused = sorted(r["reason"] for r in rows if r["status"] != "ingested")
     assert refused == ["no_signal"] + ["size_budget"] * 3
+
+
+def test_files_larger_than_the_series_budget_are_refused_by_their_size(tmp_path):
+    """A candidate file bigger than the series budget (+ a header's slack) cannot pass the
+    reader's budget checks: it is a ``size_budget`` row from the walk, before anything opens it
+    (from object storage: before anything fetches it). Sparse files: nothing is written."""
+    from pipeline.config import BuildConfig, ExecConfig
+    from pipeline.ingest.read import ReadConfig
+    from pipeline.phantoms.studies import make_phantoms
+    from pipeline.run.build import FILE_SLACK_BYTES, build
+    from pipeline.write import read_table
+
+    src = tmp_path / "src"
+    make_phantoms(src, patients=1, seed=2, matrix=32)
+    budget = 1 << 20
+    big = {"IM-big.dcm": budget + FILE_SLACK_BYTES + 1, "big.nii.gz": 1 << 40,
+           "names_seg.json": budget + FILE_SLACK_BYTES + 1}
+    for name, size in big.items():
+        with open(src / name, "wb") as f:
+            f.truncate(size)
+    with open(src / "IM-edge.dcm", "wb") as f:  # at the limit: read (and refused as unreadable)
+        f.truncate(budget + FILE_SLACK_BYTES)
+    manifest = build(BuildConfig(sources=(src,), out=tmp_path / "out",
+                                 read=ReadConfig(series_budget_bytes=budget),
+                                 execution=ExecConfig(executor="local", workers=1)))
+    assert manifest["complete"] and manifest["rows"]["regions"] > 0
+    rows = {r["size_bytes"]: r for r in read_table(tmp_path / "out", "files")}
+    for size in big.values():
+        assert (rows[size]["status"], rows[size]["reason"], rows[size]["error"]) == (
+            "quarantined", "size_budget", "file larger than the series byte budget")
+    assert rows[budget + FILE_SLACK_BYTES]["reason"] != "size_budget"

@@ -259,6 +259,31 @@ def test_header_scan_of_objects_equals_the_local_scan(s3, tmp_path, monkeypatch)
     assert 0 < whole < limits.count(2048) == len(local)  # some kept their prefix, some not
 
 
+def test_objects_larger_than_the_budget_are_never_fetched(s3, phantoms, monkeypatch):
+    """The listing's size decides: an object past ``max_bytes`` is a ``size_budget`` row and no
+    worker downloads it (a 50 GB object would otherwise fill a node's disk, and every other
+    unit's fetch there would fail with it)."""
+    from pipeline.ingest import discover
+    from pipeline.ingest.deid import Deidentifier
+
+    dcm = sorted(p for p in _objects(f"{s3}/src") if p.endswith(".dcm"))[:2]
+    small = storage.read_bytes(f"s3://{dcm[0]}")
+    storage.put_bytes(f"{s3}/sized/small.dcm", small)
+    storage.put_bytes(f"{s3}/sized/big.dcm", small + bytes(len(small)))
+    fetched = []
+    fetch = remote.fetch
+    monkeypatch.setattr(remote, "fetch", lambda u, d, s, limit=None: fetched.append(u)
+                        or fetch(u, d, s, limit))
+    deid = Deidentifier(b"k" * 32)
+    entries = discover.scan_headers(discover.walk([f"{s3}/sized"], deid,
+                                                  max_bytes=len(small)), deid)
+    by_name = {e.rel: e for e in entries}
+    assert (by_name["sized/big.dcm"].status, by_name["sized/big.dcm"].reason) == (
+        "quarantined", "size_budget")
+    assert by_name["sized/small.dcm"].header is not None
+    assert fetched == [f"{s3}/sized/small.dcm"]
+
+
 def test_object_names_no_path_can_hold_are_rows_not_crashes(s3, phantoms):
     """Keys with an empty or dot segment (``a//b``, ``./x``) would fold onto another object's
     path: each is one ``filesystem`` row; the listing's other objects are walked as usual."""
