@@ -5,8 +5,9 @@ collection (``pipeline.phantoms``) is uploaded to a moto S3 server started here 
 (moto: the test extra), then build-corpus runs twice in fresh processes, ``--executor local``,
 ``--roi labels``: from the folder, and from ``s3://bench/src`` into ``s3://bench/out``. Reports
 per build: wall seconds and the driver's peak RSS; for the S3 build also the bytes the workers
-fetched against the bytes under the prefix (a DICOM object's header scan reads its first 64 KiB,
-the whole object only when that prefix did not reach its pixel data; its unit reads it whole), the most bytes the fetch folders held at once (sampled every 20 ms) and whether any
+fetched against the bytes under the prefix (a DICOM object's header scan reads its first 64
+KiB, the whole object only when that prefix did not reach its pixel data; its unit reads it
+whole), the most bytes the fetch folders held at once (sampled every 20 ms) and whether any
 fetch ran in the driver. Prints JSON. Wall times include moto's own CPU on the same cores: an
 upper bound for a real object store's latency, not a measurement of one.
 """

@@ -7,18 +7,19 @@ object a *virtual path*, the path a local copy of the bucket would have under
 
     s3://bucket/prefix/p1/IM1.dcm  <->  /regioncorpus-remote/s3/bucket/prefix/p1/IM1.dcm
 
-so that discovery's rules by name (kinds, label pairing by parent and stem, root labels and with
-them every file key) work on remote files unchanged, and a bucket keys its files as a local copy
-of the same prefix does. Nothing exists at a virtual path. The process that reads a file (a
-header-scan batch, a unit's worker) asks :func:`local_copies` for it: the objects are fetched
-into a private temporary folder (``regioncorpus-fetch-<pid>-<random>`` under the node's
+so that discovery's rules by name (kinds, label pairing by parent and stem, root labels and
+with them every file key) work on remote files unchanged, and a bucket keys its files as a
+local copy of the same prefix does. Nothing exists at a virtual path. The process that reads a
+file (a header-scan batch, a unit's worker) asks :func:`local_copies` for it: the objects are
+fetched into a private temporary folder (``regioncorpus-fetch-<pid>-<random>`` under the node's
 temporary folder, each copy named by a number and its format's suffix, never by the object's
-name, which may hold a patient's name) and removed when the batch or unit is done, so a node holds only the files it is working on and the
-driver never downloads a source. A fetch that fails (the object gone since the listing, access
-refused) leaves no file: the reader then reports a ``filesystem`` row, as for a local file that
-vanished. A folder's process holds a lock on it while it is in use; folders whose lock nobody
-holds (their process was killed before its cleanup) are removed by the next process that
-fetches on that node (:func:`remove_orphans`).
+name, which may hold a patient's name) and removed when the batch or unit is done, so a node
+holds only the files it is working on and the driver never downloads a source. A fetch that
+fails (the object gone since the listing, access refused) leaves no file: the reader then
+reports a ``filesystem`` row, as for a local file that vanished. A folder's process holds a
+lock on it while it is in use; folders whose lock nobody holds (their process was killed before
+its cleanup) are removed by the next process that fetches on that node
+(:func:`remove_orphans`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def virtual_root(uri: str) -> Path:
 def object_uri(path) -> str | None:
     """The object a virtual path stands for, None for a local path."""
     p = PurePosixPath(path)
-    if not p.is_relative_to(REMOTE_BASE):
+    if not p.is_relative_to(REMOTE_BASE) or p == REMOTE_BASE:
         return None
     scheme, *rest = p.relative_to(REMOTE_BASE).parts
     return f"{scheme}://{'/'.join(rest)}"
