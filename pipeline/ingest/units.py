@@ -33,10 +33,12 @@ class UnitTask:
     # (pipeline.labels.annotations.Shape); an empty list: listed with no finding
     annotations: dict[int, list] | None = None
     report: object | None = None  # pipeline.reports.tables.Report of the study (scrubbed text)
+    report_file: tuple[int, Path] | None = None  # --reports beside: its .txt, read by the worker
 
     def paths(self) -> list[Path]:
-        """Every file the unit reads (images, label map or masks, names file)."""
-        files = [*self.image_files, *self.mask_files, self.label_file, self.names_file]
+        """Every file the unit reads (images, label map or masks, names file, report)."""
+        files = [*self.image_files, *self.mask_files, self.label_file, self.names_file,
+                 self.report_file]
         return [p for f in files if f is not None for _, p in [f]]
 
     def localized(self, local: dict[Path, Path]) -> UnitTask:
@@ -48,7 +50,8 @@ class UnitTask:
 
         return replace(self, image_files=[at(f) for f in self.image_files],
                        mask_files=[at(f) for f in self.mask_files],
-                       label_file=at(self.label_file), names_file=at(self.names_file))
+                       label_file=at(self.label_file), names_file=at(self.names_file),
+                       report_file=at(self.report_file))
 
 
 def _stem(path: Path) -> str:

@@ -91,22 +91,25 @@ def attach_annotations(tasks: list[UnitTask], entries: list[FileEntry], tables: 
     counts.annotation_unmatched = len(every - matched)
 
 
-def _beside(path: Path) -> Path | None:
-    """A ``<folder>.txt`` report next to the file's series folder or that folder's parent."""
+def _beside(path: Path, found: dict[Path, int]) -> tuple[int, Path] | None:
+    """A ``<folder>.txt`` report next to the file's series folder or that folder's parent,
+    among the files discovery found (``found``: path → entry index; so an object-storage
+    source, whose files are not on this machine, is looked up the same way)."""
     for folder in (path.parent, path.parent.parent):
         txt = folder.with_name(folder.name + ".txt")
-        if txt.is_file():
-            return txt
+        if txt in found:
+            return found[txt], txt
     return None
 
 
 def attach_reports(tasks: list[UnitTask], tables: list, beside: bool,
-                   counts: JoinCounts) -> None:
-    """Give each DICOM unit its study's report (``UnitTask.report``, text already scrubbed)."""
+                   counts: JoinCounts, entries: list[FileEntry] = ()) -> None:
+    """Give each DICOM unit its study's report: ``UnitTask.report`` (a table's, text already
+    scrubbed), else with ``beside`` the ``.txt`` file beside its study (``report_file``,
+    read and scrubbed by the unit's worker: a 227k-report collection is not read here)."""
     if not tables and not beside:
         return
-    from pipeline.reports.tables import read_report_file
-
+    found = {e.path: e.index for e in entries if e.reason == "not_medical"} if beside else {}
     matched: set = set()
     for t in tasks:
         if t.kind != "dicom" or not t.headers:
@@ -121,10 +124,8 @@ def attach_reports(tasks: list[UnitTask], tables: list, beside: bool,
                 matched.add(key)
                 break
         if t.report is None and beside:
-            txt = _beside(t.image_files[0][1])
-            if txt is not None:
-                t.report = read_report_file(txt)
-        counts.reports_attached += t.report is not None
+            t.report_file = _beside(t.image_files[0][1], found)
+        counts.reports_attached += t.report is not None or t.report_file is not None
     every = set().union(*(set(tb.by_key) for tb in tables)) if tables else set()
     counts.report_keys_unmatched = len(every - matched)
 
@@ -171,5 +172,5 @@ def attach_tables(tasks: list[UnitTask], entries: list[FileEntry], tables: Table
         return JoinCounts()
     counts = replace(tables.counts)
     attach_annotations(tasks, entries, tables.annotations, deid, counts)
-    attach_reports(tasks, tables.reports, tables.beside, counts)
+    attach_reports(tasks, tables.reports, tables.beside, counts, entries)
     return counts

@@ -357,6 +357,17 @@ def _regions_and_captions(images, result: UnitResult, names, cfg: BuildConfig,
             clock.mark("captions")
 
 
+def _report_file(path):
+    """A ``--reports beside`` text, scrubbed (:func:`pipeline.reports.tables.read_report_file`);
+    None when it cannot be read (the unit's images then carry template reports)."""
+    from pipeline.reports.tables import read_report_file
+
+    try:
+        return read_report_file(path)
+    except ValueError:
+        return None
+
+
 def process_unit(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult:
     """Read, de-identify, label and cut one unit. Never raises for bad input. The objects of a
     remote source are fetched first and removed after (:mod:`pipeline.ingest.remote`)."""
@@ -384,8 +395,9 @@ def _process(task: UnitTask, cfg: BuildConfig, deid: Deidentifier) -> UnitResult
     images = cut_images(vol, slicing, _annotated_slices(by_slice, read, vol, slicing))
     result.images = [_image_row(task, vol, img, split) for img in images]
     clock.mark("cut")
-    if task.report is not None:
-        result.report = unit_report(task.report, _known_identifiers(task))
+    report = task.report if task.report_file is None else _report_file(task.report_file[1])
+    if report is not None:
+        result.report = unit_report(report, _known_identifiers(task))
         clock.mark("reports")
     _regions_and_captions(images, result, vol.label_names, cfg, clock, task,
                           _placed_annotations(by_slice, read, images))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,6 +205,39 @@ def test_ray_build_from_s3_equals_the_local_build(s3, phantoms, local_corpus):
                  "--units-per-shard", "1"]) == 0
     assert _row_hashes(out) == _row_hashes(local_corpus)
     _check_exactly_once(out)
+
+
+def test_reports_beside_their_study_are_found_and_read_by_the_worker(s3, phantoms, tmp_path,
+                                                                    monkeypatch):
+    """``--reports beside`` on an S3 source: the ``<series>.txt`` is found among the listed
+    objects (there is no local file to test for) and read by the unit's worker, not the driver;
+    its text reaches the images' report captions."""
+    series = next(d for d in sorted(next(phantoms.iterdir()).iterdir()) if d.is_dir())
+    src = tmp_path / "withreport" / series.parent.name
+    shutil.copytree(series, src / series.name)
+    (src / f"{series.name}.txt").write_text("FINDINGS: The liver is enlarged.\n"
+                                             "IMPRESSION: Hepatomegaly.")
+    fs, prefix = storage.resolve(f"{s3}/withreport")
+    pafs.copy_files(str(tmp_path / "withreport"), prefix,
+                    source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pids = tmp_path / "pids"
+    fetch = remote.fetch
+
+    def logged(uri, dest, scratch, limit=None):
+        if uri.endswith(".txt"):
+            with open(pids, "a") as f:
+                f.write(f"{os.getpid()}\n")
+        return fetch(uri, dest, scratch, limit)
+
+    monkeypatch.setattr(remote, "fetch", logged)
+    out = f"{s3}/withreport-out"
+    assert main([f"{s3}/withreport", "--out", out, "--reports", "beside", *ARGS]) == 0
+    assert read_manifest(out)["reports"]["reports_attached"] == 1
+    sources = {r["caption_report_source"] for r in read_table(out, "images")}
+    assert sources == {"report"}
+    assert any("enlarged" in (r["caption_report"] or "") for r in read_table(out, "images"))
+    readers = pids.read_text().split()
+    assert readers and str(os.getpid()) not in readers
 
 
 def test_resume_rescans_only_rewritten_objects(s3, phantoms):
