@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from micro import MICRO, K, P, S, WordTokenizer
+from micro import MICRO, K, P, WordTokenizer, sample
 
 from model.clip import build_model
 from model.collate import Collate
@@ -46,21 +46,9 @@ def _text(rng: np.random.Generator) -> str:
 
 
 def _sample(rng: np.random.Generator, n_regions: int, i: int) -> dict:
-    regions = []
-    for j in range(n_regions):
-        x0, y0 = rng.uniform(0, 0.6, 2)
-        w, h = rng.uniform(0.15, 0.4, 2)
-        mask = np.zeros((S, S), np.uint8)
-        mask[int(y0 * S):int((y0 + h) * S) + 1, int(x0 * S):int((x0 + w) * S) + 1] = 1
-        pts = np.array([[x0 + w / 2, y0 + h / 2, 1], [min(x0 + w + 0.05, 1), y0, 0]], np.float32)
-        regions.append({"box": np.array([x0, y0, x0 + w, y0 + h], np.float32), "mask": mask,
-                        "points": pts, "caption": _text(rng),
-                        "negatives": [_text(rng) for _ in range(K)],
-                        "region_id": f"r{i}.{j}", "label": "x", "laterality": "left"})
-    text = f"{WORDS[i]} {_text(rng)}"  # distinct per image: the global loss is not trivial
-    return {"image": rng.integers(0, 256, (S, S), dtype=np.uint8), "regions": regions,
-            "global_text": text, "image_id": f"i{i}", "summary": text, "report": text,
-            "image_labels": [], "pos": (0, 0, i, 0, i)}
+    # the image's text is distinct per image: the global loss is not trivial
+    return sample(rng, n_regions, i, lambda: _text(rng),
+                  lambda: [_text(rng) for _ in range(K)], lambda: f"{WORDS[i]} {_text(rng)}")
 
 
 def _grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
