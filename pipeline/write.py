@@ -475,14 +475,18 @@ def file_index_path(out):
     return storage.join(out, "_index", "files.parquet")
 
 
-def write_file_index(out, rows: list[dict] | dict[str, list], key_id: str) -> None:
+def write_file_index(out, rows: pa.Table | list[dict] | dict[str, list], key_id: str) -> None:
     """Replace the file index in one atomic act (local: temporary name, fsync, rename; object
-    store: one PUT), tagged with its version and the de-identification key's id. ``rows``:
-    row dicts, or one list per column."""
+    store: one PUT), tagged with its version and the de-identification key's id. ``rows``: a
+    table of ``FILE_INDEX_SCHEMA``, row dicts, or one list per column."""
     meta = {b"file_index_version": FILE_INDEX_VERSION.encode(), b"deid_key_id": key_id.encode()}
     schema = FILE_INDEX_SCHEMA.with_metadata(meta)
-    data = (pa.Table.from_pydict(rows, schema=schema) if isinstance(rows, dict)
-            else pa.Table.from_pylist(rows, schema=schema))
+    if isinstance(rows, pa.Table):
+        data = rows.cast(FILE_INDEX_SCHEMA).replace_schema_metadata(meta)
+    elif isinstance(rows, dict):
+        data = pa.Table.from_pydict(rows, schema=schema)
+    else:
+        data = pa.Table.from_pylist(rows, schema=schema)
     _write_parquet(file_index_path(out), data, "file_index")
 
 

@@ -11,6 +11,12 @@ grouping; imports excluded), headers read, headers taken from the index, and the
 peak RSS (its own, not the scan workers'), also per file above its RSS before discovery.
 Prints JSON and a markdown row for docs/benchmarks.md. ``--src`` reuses a collection (made
 there when it is empty).
+
+Each pass runs what a build's head runs before the series stage (``pipeline.run.build.plan_run``:
+walk, file index, header scan, index write, grouping, resume check, shard plan, discovery rows
+committed), then makes every pending shard's payload as the Ray executor does (tasks and entries
+of one shard, pickled, dropped): ``dispatch_s`` and ``payload_bytes_per_file`` (what the Ray
+driver hands the object store), and the peak RSS before (``planned_peak_rss_mb``) and after.
 """
 
 from __future__ import annotations
@@ -26,27 +32,37 @@ import time
 from pathlib import Path
 
 PASS = r"""
-import json, resource, sys, time
+import json, pickle, resource, sys, time
 from pathlib import Path
 import pandas  # loaded by the first Parquet write of any build: its import is not discovery's
+from pipeline import storage
 from pipeline.config import BuildConfig, ExecConfig
 from pipeline.ingest.deid import Deidentifier
-from pipeline.ingest.units import group_units
-from pipeline.run.build import discover
+from pipeline.run.build import plan_run
 from pipeline.run.scan import stop_ray
+from pipeline.write import committed_shards
 cfg = BuildConfig(sources=(Path(sys.argv[1]),), out=Path(sys.argv[2]),
                   execution=ExecConfig(executor=sys.argv[4], workers=int(sys.argv[3])))
 deid = Deidentifier.from_env()
+storage.makedirs(cfg.out)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-entries, counts = discover(cfg, deid)
-units = group_units(entries, deid)
+markers, replaced = committed_shards(cfg.out)
+n_files, pending, fields, resume = plan_run(cfg, deid, markers, replaced)
 wall = time.perf_counter() - t
+planned = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+payload = sum(len(pickle.dumps(w)) for w in pending)  # each shard made, pickled, dropped
+dispatch = time.perf_counter() - t
 stop_ray()  # a Ray pass: the embedded instance it started (not timed)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({**counts, "units": len(units), "wall_s": round(wall, 2),
-                  "rss_before_mb": round(before / 1024, 1), "peak_rss_mb": round(peak / 1024, 1),
-                  "kb_per_file": round((peak - before) / max(1, counts["files"]), 3)}))
+print(json.dumps({**fields["header_scan"], "units": pending.n_units(), "shards": len(pending),
+                  "wall_s": round(wall, 2), "dispatch_s": round(dispatch, 2),
+                  "payload_bytes_per_file": round(payload / max(1, n_files)),
+                  "rss_before_mb": round(before / 1024, 1),
+                  "planned_peak_rss_mb": round(planned / 1024, 1),
+                  "peak_rss_mb": round(peak / 1024, 1),
+                  "kb_per_file": round((peak - before) / max(1, n_files), 3)}))
 """
 
 

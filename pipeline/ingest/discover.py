@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from stat import S_ISLNK, S_ISREG
@@ -61,6 +62,7 @@ class FileEntry:
     header: Header | None = None  # UIDs keyed (:func:`key_header`) once discovery has them
     mtime_ns: int = 0  # modification time (an object store's LastModified): resume's change test
     group_key: str | None = None  # DICOM: the unit key of its series and geometry (keyed)
+    root: int = 0  # which source root it was found under (its ``rel`` starts with that label)
 
 
 def _is_archive(name: str) -> bool:
@@ -191,7 +193,7 @@ def _base(root) -> Path:
 
 
 def _remote_entries(uri: str, base: Path, label: str, deid: Deidentifier, start: int,
-                    max_bytes: int | None = None) -> list[FileEntry]:
+                    max_bytes: int | None = None) -> Iterator[FileEntry]:
     """The objects under remote root ``uri`` (or the one object it names) as entries, from
     one listing (no object is read here; :mod:`pipeline.ingest.remote`): virtual paths, the
     object's size and LastModified (resume's change test). An object whose name no path can
@@ -201,54 +203,84 @@ def _remote_entries(uri: str, base: Path, label: str, deid: Deidentifier, start:
     infos = [one] if one.type == pafs.FileType.File else storage.list_files(uri, recursive=True)
     scheme = uri.partition("://")[0].lower()
     prefix = "/".join(base.relative_to(REMOTE_BASE).parts[1:]) + "/"  # bucket/prefix/
-    entries = []
-    for info in infos:
+    for n, info in enumerate(infos):
         obj = f"{scheme}://{info.path}"
         path = virtual_root(obj)
         rel = f"{label}/{info.path.removeprefix(prefix)}"  # the object's own name, as listed
-        key, index = file_key(deid, rel), start + len(entries)
+        key, index = file_key(deid, rel), start + n
         if not holds_name(obj) or not info.path.startswith(prefix):
-            entries.append(refused(index, path, rel, key))
+            yield refused(index, path, rel, key)
             continue
-        entries.append(_candidate(index, path, rel, key, info.size, info.mtime_ns or 0,
-                                  max_bytes))
-    return entries
+        yield _candidate(index, path, rel, key, info.size, info.mtime_ns or 0, max_bytes)
 
 
-def walk(roots, deid: Deidentifier, max_bytes: int | None = None) -> list[FileEntry]:
-    """Every non-directory entry under ``roots``, in a deterministic order. A remote root
-    (``s3://``, ``gs://``) is listed, not read (:func:`_remote_entries`). A candidate file
-    larger than ``max_bytes`` is a ``size_budget`` row here, before anything reads it.
-
-    Directory symlinks are not descended into; file symlinks are recorded (and followed only
-    when they stay inside their root). A folder that cannot be listed is one ``filesystem``
-    entry (the files in it cannot be counted).
-    """
-    entries: list[FileEntry] = []
+def sources(roots) -> tuple[list, list[Path], list[str]]:
+    """The roots as :func:`walk` takes them (a remote root as its URI, others as paths), the
+    folder each root's files are keyed under and its label (:func:`root_labels`). Raises
+    ValueError for a root that does not exist."""
     roots = [str(r) if storage.is_remote(r) else Path(r) for r in roots]
     for root in roots:
         if not (storage.exists(root) if isinstance(root, str) else root.exists()):
             raise ValueError(f"source {root}: no such file or directory")
     bases = [_base(r) for r in roots]
-    for root, base, label in zip(roots, bases, root_labels(bases), strict=True):
+    return roots, bases, root_labels(bases)
+
+
+def iter_walk(roots, deid: Deidentifier, max_bytes: int | None = None) -> Iterator[FileEntry]:
+    """Every non-directory entry under ``roots``, in a deterministic order, one at a time
+    (``index`` counts from 0, ``root`` numbers the root). A remote root (``s3://``,
+    ``gs://``) is listed, not read (:func:`_remote_entries`). A candidate file larger than
+    ``max_bytes`` is a ``size_budget`` row here, before anything reads it.
+
+    Directory symlinks are not descended into; file symlinks are recorded (and followed only
+    when they stay inside their root). A folder that cannot be listed is one ``filesystem``
+    entry (the files in it cannot be counted).
+    """
+    roots, bases, labels = sources(roots)
+    n = 0
+    for number, (root, base, label) in enumerate(zip(roots, bases, labels, strict=True)):
         if isinstance(root, str):
-            entries.extend(_remote_entries(root, base, label, deid, len(entries), max_bytes))
-            continue
-        if root.is_file():
-            entries.append(_entry(len(entries), root, base, label, deid, max_bytes))
-            continue
+            found = _remote_entries(root, base, label, deid, n, max_bytes)
+        elif root.is_file():
+            found = iter([_entry(n, root, base, label, deid, max_bytes)])
+        else:
+            found = _walk_folder(root, label, deid, n, max_bytes)
+        for e in found:
+            e.root = number
+            n += 1
+            yield e
 
-        def unlisted(err: OSError, root=root, label=label) -> None:
-            path = Path(err.filename) if err.filename is not None else root
-            rel = f"{label}/{path.relative_to(root).as_posix()}"
-            entries.append(refused(len(entries), path, rel, file_key(deid, rel)))
 
-        for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=False):
-            dirnames.sort()
-            here = Path(dirpath)
-            for name in sorted(filenames) + sorted(d for d in dirnames if _is_link(here / d)):
-                entries.append(_entry(len(entries), here / name, root, label, deid, max_bytes))
-    return entries
+def _walk_folder(root: Path, label: str, deid: Deidentifier, start: int,
+                 max_bytes: int | None) -> Iterator[FileEntry]:
+    unlisted: list[Path] = []  # folders os.walk could not list, reported in walk order
+    n = start
+
+    def refuse(path: Path) -> FileEntry:
+        rel = f"{label}/{path.relative_to(root).as_posix()}"
+        return refused(n, path, rel, file_key(deid, rel))
+
+    for dirpath, dirnames, filenames in os.walk(
+            root, followlinks=False,
+            onerror=lambda err: unlisted.append(Path(err.filename) if err.filename is not None
+                                                else root)):
+        while unlisted:
+            yield refuse(unlisted.pop(0))
+            n += 1
+        dirnames.sort()
+        here = Path(dirpath)
+        for name in sorted(filenames) + sorted(d for d in dirnames if _is_link(here / d)):
+            yield _entry(n, here / name, root, label, deid, max_bytes)
+            n += 1
+    while unlisted:
+        yield refuse(unlisted.pop(0))
+        n += 1
+
+
+def walk(roots, deid: Deidentifier, max_bytes: int | None = None) -> list[FileEntry]:
+    """:func:`iter_walk` as a list (tests, small collections; a build keeps the entries as
+    one table, :class:`pipeline.ingest.found.Found`)."""
+    return list(iter_walk(roots, deid, max_bytes))
 
 
 def openable(path) -> bool:

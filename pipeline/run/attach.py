@@ -60,12 +60,13 @@ def _file_keys(e: FileEntry, header, deid: Deidentifier) -> list[tuple[str, str]
     return keys
 
 
-def attach_annotations(tasks: list[UnitTask], entries: list[FileEntry], tables: list,
-                       deid: Deidentifier, counts: JoinCounts) -> None:
-    """Give each DICOM unit's files their shapes (``UnitTask.annotations``)."""
+def attach_annotations(tasks: list[UnitTask], entries, tables: list, deid: Deidentifier,
+                       counts: JoinCounts, matched: set) -> None:
+    """Give each DICOM unit's files their shapes (``UnitTask.annotations``); ``entries``:
+    index → FileEntry of the tasks' files; the table keys that matched are added to
+    ``matched``."""
     if not tables:
         return
-    matched: set = set()
     for t in tasks:
         if t.kind != "dicom":
             continue
@@ -86,31 +87,25 @@ def attach_annotations(tasks: list[UnitTask], entries: list[FileEntry], tables: 
                 t.annotations[idx] = shapes
                 counts.annotated_files += 1
                 counts.shapes += len(shapes)
-    every = set().union(*(set(tb.by_key) | set(tb.empty) for tb in tables))
-    counts.annotation_keys = len(every)
-    counts.annotation_unmatched = len(every - matched)
 
 
-def _beside(path: Path, found: dict[Path, int]) -> tuple[int, Path] | None:
-    """A ``<folder>.txt`` report next to the file's series folder or that folder's parent,
-    among the files discovery found (``found``: path → entry index; so an object-storage
-    source, whose files are not on this machine, is looked up the same way)."""
-    for folder in (path.parent, path.parent.parent):
-        txt = folder.with_name(folder.name + ".txt")
-        if txt in found:
-            return found[txt], txt
-    return None
+def beside_candidates(path: Path) -> list[Path]:
+    """Where a ``--reports beside`` text of the study holding ``path`` may be: a
+    ``<folder>.txt`` next to its series folder or that folder's parent (MIMIC-CXR)."""
+    return [folder.with_name(folder.name + ".txt") for folder in (path.parent,
+                                                                    path.parent.parent)]
 
 
-def attach_reports(tasks: list[UnitTask], tables: list, beside: bool,
-                   counts: JoinCounts, entries: list[FileEntry] = ()) -> None:
+def attach_reports(tasks: list[UnitTask], tables: list, beside: bool, counts: JoinCounts,
+                   matched: set, found: dict[Path, int] | None = None) -> None:
     """Give each DICOM unit its study's report: ``UnitTask.report`` (a table's, text already
     scrubbed), else with ``beside`` the ``.txt`` file beside its study (``report_file``,
-    read and scrubbed by the unit's worker: a 227k-report collection is not read here)."""
+    read and scrubbed by the unit's worker: a 227k-report collection is not read here).
+    ``found``: path → index of the candidate texts discovery found (:func:`beside_candidates`;
+    an object-storage source's files are not on this machine, so they are looked up there)."""
     if not tables and not beside:
         return
-    found = {e.path: e.index for e in entries if e.reason == "not_medical"} if beside else {}
-    matched: set = set()
+    found = found or {}
     for t in tasks:
         if t.kind != "dicom" or not t.headers:
             continue
@@ -124,10 +119,9 @@ def attach_reports(tasks: list[UnitTask], tables: list, beside: bool,
                 matched.add(key)
                 break
         if t.report is None and beside:
-            t.report_file = _beside(t.image_files[0][1], found)
+            t.report_file = next(((found[c], c) for c in beside_candidates(t.image_files[0][1])
+                                  if c in found), None)
         counts.reports_attached += t.report is not None or t.report_file is not None
-    every = set().union(*(set(tb.by_key) for tb in tables)) if tables else set()
-    counts.report_keys_unmatched = len(every - matched)
 
 
 @dataclass
@@ -165,12 +159,43 @@ def load_tables(cfg, deid: Deidentifier) -> Tables:
     return Tables(annotations, reports, beside, counts)
 
 
+class Join:
+    """The join of a build's tables to its units, a batch of tasks at a time (so the driver
+    never holds every unit's task at once); :meth:`counts` once every unit went through."""
+
+    def __init__(self, tables: Tables, deid: Deidentifier):
+        self.tables, self.deid = tables, deid
+        self.running = replace(tables.counts)
+        self.annotation_keys: set = set()  # table keys that named a file
+        self.report_keys: set = set()
+
+    def __call__(self, tasks: list[UnitTask], entries, texts: dict[Path, int]) -> None:
+        """Join to ``tasks`` (in place); ``entries``: index → FileEntry of their files;
+        ``texts``: the ``--reports beside`` candidates found (path → index)."""
+        tb = self.tables
+        attach_annotations(tasks, entries, tb.annotations, self.deid, self.running,
+                           self.annotation_keys)
+        attach_reports(tasks, tb.reports, tb.beside, self.running, self.report_keys, texts)
+
+    def counts(self) -> JoinCounts:
+        out = replace(self.running)
+        tb = self.tables
+        if tb.annotations:
+            every = set().union(*(set(t.by_key) | set(t.empty) for t in tb.annotations))
+            out.annotation_keys = len(every)
+            out.annotation_unmatched = len(every - self.annotation_keys)
+        every = set().union(*(set(t.by_key) for t in tb.reports)) if tb.reports else set()
+        out.report_keys_unmatched = len(every - self.report_keys)
+        return out
+
+
 def attach_tables(tasks: list[UnitTask], entries: list[FileEntry], tables: Tables | None,
                   deid: Deidentifier) -> JoinCounts:
-    """Join the loaded tables to ``tasks`` (in place); the counts for the manifest."""
+    """Join the loaded tables to ``tasks`` (in place), all at once; the counts for the
+    manifest (library callers and tests; a build joins by batch, :class:`Join`)."""
     if tables is None:
         return JoinCounts()
-    counts = replace(tables.counts)
-    attach_annotations(tasks, entries, tables.annotations, deid, counts)
-    attach_reports(tasks, tables.reports, tables.beside, counts, entries)
-    return counts
+    join = Join(tables, deid)
+    texts = {e.path: e.index for e in entries if e.reason == "not_medical"}
+    join(tasks, entries, texts)
+    return join.counts()

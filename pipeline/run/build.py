@@ -18,32 +18,34 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import PIPELINE_VERSION, BuildConfig, RequestError
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.dicom_io import missing_decoders
-from pipeline.ingest.discover import FileEntry, walk
-from pipeline.ingest.file_index import index_columns, reuse
-from pipeline.ingest.units import group_units
-from pipeline.run.attach import Tables, attach_tables, load_tables
+from pipeline.ingest.file_index import index_table, reuse_found
+from pipeline.ingest.found import Found
+from pipeline.ingest.units import Unit, plan_units, unit_entries, unit_tasks
+from pipeline.run.attach import Join, JoinCounts, Tables, beside_candidates, load_tables
 from pipeline.run.execute import quiet_libraries, run_local, run_ray
 from pipeline.run.scan import ray_running, scan, stop_ray
 from pipeline.run.shards import (
+    Pending,
     Resume,
-    ShardWork,
+    ShardPlan,
     discovery_name,
-    file_row,
     needs_rebuild,
     only_grew,
     plan_discovery,
     plan_shards,
     table_stats,
-    task_digest,
     unit_claims,
-    unit_files,
+    unit_keys_digests,
 )
 from pipeline.write import (
     commit_shard,
@@ -173,38 +175,61 @@ def _entry(marker: dict) -> dict:
     return out
 
 
-def discover(cfg: BuildConfig, deid: Deidentifier) -> tuple[list[FileEntry], dict]:
-    """Walk the sources and scan the headers of the DICOM files that are new or changed since
-    the file index in ``cfg.out`` was written (all of them when it is missing or not
-    trusted); then replace the index → (entries, counts: files, from_index, scanned)."""
-    entries = walk([*cfg.sources, *(root for _, root in cfg.collections)], deid,
-                   max_bytes=cfg.read.series_budget_bytes + FILE_SLACK_BYTES)
-    reused = reuse(entries, read_file_index(cfg.out, deid.key_id))
-    scanned = scan(entries, cfg, deid)
-    write_file_index(cfg.out, index_columns(entries), deid.key_id)
-    return entries, {"files": len(entries), "from_index": reused, "scanned": scanned}
+def discover(cfg: BuildConfig, deid: Deidentifier) -> tuple[Found, dict]:
+    """Walk the sources into one table and scan the headers of the DICOM files that are new or
+    changed since the file index in ``cfg.out`` was written (all of them when it is missing or
+    not trusted); then replace the index → (found, counts: files, from_index, scanned)."""
+    found = Found.walk([*cfg.sources, *(root for _, root in cfg.collections)], deid,
+                       max_bytes=cfg.read.series_budget_bytes + FILE_SLACK_BYTES)
+    reused = reuse_found(found, read_file_index(cfg.out, deid.key_id))
+    scanned = scan(found, cfg, deid)
+    write_file_index(cfg.out, index_table(found), deid.key_id)
+    return found, {"files": len(found), "from_index": reused, "scanned": scanned}
 
 
 def _discover(cfg: BuildConfig, deid: Deidentifier):
-    entries, counts = discover(cfg, deid)
-    missing = missing_decoders(e.header.transfer_syntax for e in entries if e.header)
+    found, counts = discover(cfg, deid)
+    missing = missing_decoders(found.frame["transfer_syntax"].drop_nulls().unique().to_list())
     if missing:  # which ones: the manifest's missing_decoders (UIDs only, vetted)
         log.warning("no installed decoder for %d transfer syntaxes (their files will be "
                     "quarantined; manifest.json: missing_decoders)", len(missing))
-    return entries, group_units(entries, deid, cfg.collections), missing, counts
+    return found, plan_units(found, deid, cfg.collections), missing, counts
 
 
-def _verify(out, entries, tasks, live: dict[str, dict]) -> Resume:
+def _join(units: list[Unit], found: Found, tables: Tables | None, deid: Deidentifier,
+          batch: int = 256) -> tuple[JoinCounts, dict]:
+    """The tables joined to every unit, ``batch`` units' tasks at a time → (counts, unit key →
+    (annotations, report, report_file) of the units that got any)."""
+    if tables is None:
+        return JoinCounts(), {}
+    join, joined = Join(tables, deid), {}
+    for i in range(0, len(units), batch):
+        part = units[i:i + batch]
+        entries = unit_entries(part, found)
+        tasks = unit_tasks(part, found, entries)
+        texts = {}
+        if tables.beside:
+            wanted = {str(c) for t in tasks if t.kind == "dicom"
+                      for c in beside_candidates(t.image_files[0][1])}
+            rows = found.frame.filter(pl.col("reason") == "not_medical")
+            texts = {Path(p): i for i, p, _ in found.match_paths(rows, wanted) if p in wanted}
+        join(tasks, entries, texts)
+        joined.update((t.unit_key, (t.annotations, t.report, t.report_file)) for t in tasks
+                      if t.annotations or t.report is not None or t.report_file is not None)
+    return join.counts(), joined
+
+
+def _verify(out, found: Found, units: list[Unit], live: dict[str, dict]) -> Resume:
     """Check the committed shards against the units found now: which are missing, which shards
     are redone (units killed for lack of memory; units that gained files and lost none)."""
-    digests = {t.unit_key: task_digest(t, entries) for t in tasks}
+    digests = unit_keys_digests(units, found)
     resume = Resume(digests, unit_claims(out, live))
     resume.missing = sorted(k for k in resume.claims if k not in digests)
     redo = {s for s, m in live.items() if needs_rebuild(m)}
-    by_key = {t.unit_key: t for t in tasks}
+    by_key = {u.unit_key: u for u in units}
     for key in resume.changed():
         shard = resume.claims[key][0]
-        now = {entries[i].file_key for i in unit_files(by_key[key])}
+        now = set(found.file_keys(by_key[key].files()))
         if shard_number(shard) is not None and shard not in redo \
                 and only_grew(out, live[shard], key, now):
             redo.add(shard)
@@ -212,22 +237,30 @@ def _verify(out, entries, tasks, live: dict[str, dict]) -> Resume:
     return resume
 
 
-def _commit_discovery(out, entries, in_units: set[int], works: list[ShardWork],
+def _commit_discovery(out, found: Found, in_units: np.ndarray, plans: list[ShardPlan],
                       markers: dict, resume: Resume) -> None:
     """Commit the rows of files outside every unit: committed discovery shards keep theirs
     (a shard whose rows another row now replaces is redone without them, before the pending
     shards write that row); rows no discovery shard holds go into a new one."""
-    now = {e.file_key: file_row(e, None, None, e.status, e.reason, e.error)
-           for e in entries if e.index not in in_units}
+    outside = found.frame.filter(~pl.col("index").is_in(in_units))
+    rows = outside.select("file_key", pl.lit(None, pl.Int64).alias("shard"),
+                          pl.lit(None, pl.String).alias("unit_key"), "kind", "status",
+                          "reason", "error", pl.col("size").alias("size_bytes"))
+    now = {r["file_key"]: r for r in rows.to_dicts()}
     committed = {}
     for name, m in markers.items():
         info = m["tables"].get("files", {})
         if name.startswith("discovery"):
             committed[name] = (pq.read_table(corpus_file(out, info["file"])).to_pylist()
                                if info.get("file") else [])
-    found = {e.file_key for e in entries} if any(committed.values()) else set()
-    written = {e.file_key for w in works for e in w.entries.values()} if found else set()
-    rewrite, new, resume.missing_files = plan_discovery(now, committed, found, written)
+    held = list({r["file_key"] for rows in committed.values() for r in rows})
+    found_keys = written = set()
+    if held:  # of the committed discovery rows' files: which are found now, which rewritten
+        found_keys = set(found.frame.filter(pl.col("file_key").is_in(held))["file_key"])
+        pending = [u.files() for p in plans for u in p.units]
+        if pending:
+            written = set(found.file_keys(np.concatenate(pending))) & found_keys
+    rewrite, new, resume.missing_files = plan_discovery(now, committed, found_keys, written)
     for name, rows in rewrite.items():
         m = markers[name]
         tables = {"files": rows}
@@ -239,30 +272,29 @@ def _commit_discovery(out, entries, in_units: set[int], works: list[ShardWork],
         markers[name] = commit_shard(out, name, tables, table_stats(tables), {})
 
 
-def _plan(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set,
-          tables: Tables | None = None) -> tuple[int, list[ShardWork], dict, Resume]:
+def plan_run(cfg: BuildConfig, deid: Deidentifier, markers: dict, replaced: set,
+          tables: Tables | None = None) -> tuple[int, Pending, dict, Resume]:
     """Discover, check the committed shards (:func:`_verify`), cut the pending units into
     shards, commit the discovery rows → (files found, pending shards, manifest fields of the
     discovery: missing decoders and header-scan counts, resume report).
 
-    The per-file entries are the one part of the driver's memory that grows with the
-    collection: past this call only the pending shards' own entries stay referenced, and the
-    Ray executor drops those once it has pickled them."""
-    entries, tasks, missing, counts = _discover(cfg, deid)
-    joined = attach_tables(tasks, entries, tables, deid)
-    resume = _verify(cfg.out, entries, tasks, markers)
-    works = plan_shards(tasks, entries, markers, replaced, resume,
-                        cfg.execution.units_per_shard)
-    in_units = {i for task in tasks for i in unit_files(task)}
-    _commit_discovery(cfg.out, entries, in_units, works, markers, resume)
-    n_new = sum(len(w.tasks) for w in works if w.attempt == 0)
-    print(f"{len(entries)} files, {len(tasks)} series: {n_new} new in "
-          f"{len(works) - len(resume.rebuild)} new shards, {len(resume.rebuild)} shards redone, "
+    What the driver holds grows with the collection only as one table (:class:`Found`: a few
+    hundred bytes per file, no Python object per file) and one :class:`Unit` per unit; the
+    ``FileEntry`` objects of a shard are made when it is dispatched (:class:`Pending`)."""
+    found, units, missing, counts = _discover(cfg, deid)
+    joined, attached = _join(units, found, tables, deid)
+    resume = _verify(cfg.out, found, units, markers)
+    plans = plan_shards(units, markers, replaced, resume, cfg.execution.units_per_shard)
+    in_units = np.concatenate([u.files() for u in units]) if units else np.zeros(0, np.int64)
+    _commit_discovery(cfg.out, found, in_units, plans, markers, resume)
+    n_new = sum(len(p.units) for p in plans if p.attempt == 0)
+    print(f"{len(found)} files, {len(units)} series: {n_new} new in "
+          f"{len(plans) - len(resume.rebuild)} new shards, {len(resume.rebuild)} shards redone, "
           f"{len(resume.missing)} committed series not found", file=sys.stderr)
-    found = {"missing_decoders": missing, "header_scan": counts}
+    found_fields = {"missing_decoders": missing, "header_scan": counts}
     if cfg.annotations or cfg.reports:
-        found.update(joined.manifest())
-    return len(entries), works, found, resume
+        found_fields.update(joined.manifest())
+    return len(found), Pending(plans, found, attached), found_fields, resume
 
 
 MANIFEST_EVERY_S = 5.0  # manifest refresh interval while shards commit
@@ -305,7 +337,7 @@ def _build(cfg: BuildConfig, deid: Deidentifier, tables: Tables | None = None) -
     """:func:`build` once the request is checked."""
     timings, t = {}, time.monotonic()
     markers, replaced = committed_shards(cfg.out)
-    n_found, pending, found, resume = _plan(cfg, deid, markers, replaced, tables)
+    n_found, pending, found, resume = plan_run(cfg, deid, markers, replaced, tables)
     timings["discover"] = round(time.monotonic() - t, 3)
     extra = {**found, "config_hash": cfg.config_hash(),
              "config": resolved_config(cfg), **_provenance(cfg)}
@@ -325,7 +357,7 @@ def _build(cfg: BuildConfig, deid: Deidentifier, tables: Tables | None = None) -
 
     t = time.monotonic()
     run = run_ray if cfg.execution.executor == "ray" else run_local
-    run(pending, cfg, deid, on_marker)
+    run(pending, cfg, deid, on_marker, pending.n_units())
     timings["series"] = round(time.monotonic() - t, 3)
     manifest = summarize(n_found, markers, cfg, deid, timings, extra, resume)
     write_manifest(cfg.out, manifest)

@@ -43,7 +43,9 @@ import pickle
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from functools import partial
+from itertools import count
 
 from pipeline.config import BuildConfig, check_cluster_gpus, model_actor_gpus
 from pipeline.ingest.deid import Deidentifier
@@ -121,23 +123,38 @@ def shard_regions(models, work: ShardWork, results: dict, cfg: BuildConfig):
     return Regions(outputs, cfg.regions)
 
 
-def run_local(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_marker) -> None:
-    """Stream every pending unit through isolated workers; commit shards as they complete."""
+def run_local(works: Iterable[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_marker,
+              n_units: int | None = None) -> None:
+    """Stream every pending unit through isolated workers; commit shards as they complete.
+    ``works`` is iterated as workers free up (a :class:`~pipeline.run.shards.Pending` makes
+    each shard's tasks then); ``n_units``: how many units in all (progress)."""
+    if n_units is None:
+        works = list(works)
+        n_units = sum(len(w.tasks) for w in works)
     models = None
-    if works and cfg.regions.uses_models:
+    if n_units and cfg.regions.uses_models:
         from pipeline.roi.propose import ModelStage
 
         models = ModelStage(cfg.regions)  # lives in this process; forked children never use it
     one_thread_per_worker()  # inherited by the forked workers
     quiet_libraries()  # likewise
-    flat = [(w, t) for w in works for t in w.tasks]
-    results: dict[int, dict] = {w.k: {} for w in works}
+    held: dict[int, tuple[ShardWork, object]] = {}  # item number → (shard, task) until done
+    results: dict[int, dict] = {}
+    numbers = count()
+
+    def items():
+        for work in works:
+            results[work.k] = {}
+            for task in work.tasks:
+                held[next(numbers)] = (work, task)
+                yield task
+
     t0 = time.monotonic()
     with unit_isolator(cfg, deid, workers(cfg)) as iso:
-        for n, (i, status, value) in enumerate(iso.map([t for _, t in flat]), 1):
-            work, task = flat[i]
+        for n, (i, status, value) in enumerate(iso.map(items()), 1):
+            work, task = held.pop(i)
             results[work.k][task.unit_key] = _unit_result(task, status, value)
-            progress("series", n, len(flat), t0)
+            progress("series", n, n_units, t0)
             if len(results[work.k]) == len(work.tasks):
                 done = results.pop(work.k)
                 on_marker(finish_shard(work, done, cfg, shard_regions(models, work, done, cfg)))
@@ -228,9 +245,11 @@ def _ray_init(cfg: BuildConfig) -> bool:
     return True
 
 
-def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_marker) -> None:
-    """The Ray Data pipeline over shards (see module doc). Empties ``works`` once pickled, so
-    the driver does not hold every file's entry for the whole run."""
+def run_ray(works: Iterable[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_marker,
+            n_units: int | None = None) -> None:
+    """The Ray Data pipeline over shards (see module doc). Each shard is pickled as it is
+    made (:class:`~pipeline.run.shards.Pending`), so the driver holds one shard's entries as
+    objects at a time; ``n_units`` is not used (progress counts shards)."""
     import ray
 
     started = _ray_init(cfg)
@@ -239,7 +258,6 @@ def run_ray(works: list[ShardWork], cfg: BuildConfig, deid: Deidentifier, on_mar
         # model stage that would wait forever for GPUs the cluster lacks refused
         cfg = check_cluster_gpus(cfg, ray.cluster_resources())
         items = [{"k": w.k, "work": pickle.dumps(w)} for w in works]
-        works.clear()  # the shards' file entries now live only in ``items`` (smaller, pickled)
         n = len(items)
         if not items:
             return

@@ -240,9 +240,10 @@ class Isolator:
             child.close()
         self.idle = []
 
-    def _submit(self, items: list, pending: deque, retry: deque, busy: dict) -> None:
-        """Fill free slots from ``pending``; while an item waits for or runs its retry, the
-        others drain and the retry then runs alone in a fresh child."""
+    def _submit(self, items: dict, source, retry: deque, busy: dict) -> None:
+        """Fill free slots with the next items of ``source`` (``items`` holds each until its
+        verdict); while an item waits for or runs its retry, the others drain and the retry
+        then runs alone in a fresh child."""
         if retry or any(c.solo for c in busy.values()):
             if retry and not busy:
                 self._drop_idle()
@@ -252,20 +253,23 @@ class Isolator:
                 child.submit(i, items[i])
                 busy[child.results] = child
             return
-        while pending and len(busy) < self.workers:
+        while len(busy) < self.workers and (nxt := next(source, None)) is not None:
+            i, items[i] = nxt
             child = self._child()
-            i = pending.popleft()
             child.submit(i, items[i])
             busy[child.results] = child
 
     def map(self, items: Iterable) -> Iterator[tuple[int, str, object]]:
-        """Yields (index, "ok" | "err", result or IngestError) as items finish (not in order)."""
-        items = list(items)
-        pending, retry = deque(range(len(items))), deque()
+        """Yields (index, "ok" | "err", result or IngestError) as items finish (not in order).
+        Items are taken from ``items`` as children free up (a generator is not run ahead),
+        and let go once they have their verdict."""
+        source = iter(enumerate(items))
+        held: dict[int, object] = {}
+        retry: deque = deque()
         busy: dict[object, _Child] = {}
         try:
-            while pending or retry or busy:
-                self._submit(items, pending, retry, busy)
+            self._submit(held, source, retry, busy)
+            while retry or busy:
                 for conn in wait(list(busy), timeout=0.2):
                     child = busy.pop(conn)
                     status, value, serving = child.receive()
@@ -274,14 +278,17 @@ class Isolator:
                     if not solo and _system_failure(status, value):
                         retry.append(child.index)  # not a verdict yet: once more, alone
                         continue
+                    held.pop(child.index, None)
                     yield child.index, *_verdict(status, value, solo)
                 now = time.monotonic()
                 for conn, child in list(busy.items()):
                     if now - child.started > self.timeout_s:
                         busy.pop(conn)
                         child.close(kill=True)
+                        held.pop(child.index, None)
                         yield child.index, "err", IngestError(
                             "decode_timeout", "exceeded the unit time limit")
+                self._submit(held, source, retry, busy)
         finally:
             for child in busy.values():  # abandoned mid-item: their state is unknown
                 child.close(kill=True)

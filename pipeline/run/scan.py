@@ -16,10 +16,14 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
+import polars as pl
+
 from pipeline.config import BuildConfig
 from pipeline.errors import IngestError
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.discover import FileEntry, scan_headers
+from pipeline.ingest.file_index import to_scan
+from pipeline.ingest.found import FOUND_SCHEMA, HEADER_SCHEMA, Found, entry_rows
 from pipeline.run.execute import _ray_init, progress, workers
 from pipeline.run.isolate import run_isolated
 
@@ -77,23 +81,31 @@ def _ray(batches, cfg: BuildConfig, deid) -> Iterator[tuple[int, str, object]]:
         yield i, status, value
 
 
-def scan(entries: list[FileEntry], cfg: BuildConfig, deid: Deidentifier) -> int:
-    """Scan the DICOM entries that have no header and no verdict yet, in
-    ``cfg.execution.header_batch`` batches, into ``entries`` (on the build's executor; Ray is
-    started only when there is something to scan) → how many were scanned."""
-    todo = [e for e in entries if e.kind == "dicom" and not e.status and e.header is None]
+_RESULT = ("index", "status", "reason", "error", "group_key", *HEADER_SCHEMA)
+
+
+def scan(found: Found, cfg: BuildConfig, deid: Deidentifier) -> int:
+    """Scan the DICOM rows of ``found`` that have no header and no verdict yet, in
+    ``cfg.execution.header_batch`` batches (on the build's executor; Ray is started only when
+    there is something to scan), into ``found`` → how many were scanned. A batch's
+    ``FileEntry`` objects are made as it is handed out and dropped once its rows are back."""
+    todo = to_scan(found).to_numpy()
     size = cfg.execution.header_batch
-    batches = [todo[i:i + size] for i in range(0, len(todo), size)]
-    t0, done = time.monotonic(), 0
-    run = _ray if cfg.execution.executor == "ray" and batches else _local
+    starts = range(0, len(todo), size)
+    batches = (found.entries(todo[i:i + size]) for i in starts)
+    t0, done, parts = time.monotonic(), 0, []
+    run = _ray if cfg.execution.executor == "ray" and len(todo) else _local
     for i, status, value in run(batches, cfg, deid):
+        mine = todo[starts[i]:starts[i] + size]
         if status == "ok":
-            for e in value:
-                entries[e.index] = e
+            parts.append(entry_rows(value).select(_RESULT))
         else:
-            for e in batches[i]:
-                entries[e.index].status, entries[e.index].reason = "quarantined", value.reason
-                entries[e.index].error = value.problem
-        done += len(batches[i])
+            parts.append(pl.DataFrame(
+                {"index": mine, "status": "quarantined", "reason": value.reason,
+                 "error": value.problem},
+                schema={k: FOUND_SCHEMA[k] for k in ("index", "status", "reason", "error")}))
+        done += len(mine)
         progress("headers", done, len(todo), t0)
+    if parts:
+        found.update(pl.concat(parts, how="diagonal"))
     return len(todo)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.captions.describe import describe_all
@@ -29,7 +31,8 @@ from pipeline.captions.grounded import ground_captions
 from pipeline.config import BuildConfig
 from pipeline.errors import IngestError
 from pipeline.ingest.discover import FileEntry
-from pipeline.ingest.units import UnitTask
+from pipeline.ingest.found import Found
+from pipeline.ingest.units import Unit, UnitTask, unit_entries, unit_tasks
 from pipeline.run.unit import UnitResult
 from pipeline.write import (
     commit_shard,
@@ -215,29 +218,78 @@ def only_grew(out: Path, marker: dict, key: str, now: set[str]) -> bool:
     return set(t.column("file_key").to_pylist()) <= now
 
 
-def plan_shards(tasks: list[UnitTask], entries, live: dict[str, dict], replaced: set[str],
-                resume: Resume, n: int) -> list[ShardWork]:
+@dataclass
+class ShardPlan:
+    """Shard k as planned: its units (file indexes only); :class:`Pending` makes its
+    :class:`ShardWork` when it is dispatched."""
+
+    k: int
+    units: list[Unit]
+    attempt: int = 0
+    supersedes: tuple[str, ...] = ()
+
+
+def plan_shards(units: list[Unit], live: dict[str, dict], replaced: set[str],
+                resume: Resume, n: int) -> list[ShardPlan]:
     """Pending shards: the committed ones to redo (``resume.rebuild``: same number, next
-    attempt, the units of theirs found now), then the new units (``tasks`` not claimed, in key
+    attempt, the units of theirs found now), then the new units (``units`` not claimed, in key
     order) N per shard, numbered from the lowest number no committed or replaced shard has."""
-    by_key = {t.unit_key: t for t in tasks}
-    works = []
+    by_key = {u.unit_key: u for u in units}
+    plans = []
     for name in resume.rebuild:
         mine = sorted(k for k, (s, _) in resume.claims.items() if s == name and k in by_key)
-        works.append(_work(shard_number(name), [by_key[k] for k in mine], entries,
-                           live[name].get("attempt", 0) + 1, tuple(marker_files(live[name]))))
-    fresh = [t for t in tasks if t.unit_key not in resume.claims]
+        plans.append(ShardPlan(shard_number(name), [by_key[k] for k in mine],
+                               live[name].get("attempt", 0) + 1,
+                               tuple(marker_files(live[name]))))
+    fresh = [u for u in units if u.unit_key not in resume.claims]
     taken = {shard_number(s) for s in [*live, *replaced]}
     numbers = (k for k in count() if k not in taken)
     for i in range(0, len(fresh), n):
-        works.append(_work(next(numbers), fresh[i:i + n], entries))
-    return works
+        plans.append(ShardPlan(next(numbers), fresh[i:i + n]))
+    return plans
 
 
-def _work(k: int, tasks: list[UnitTask], entries, attempt: int = 0,
-          supersedes: tuple[str, ...] = ()) -> ShardWork:
-    return ShardWork(k, tasks, {j: entries[j] for t in tasks for j in unit_files(t)}, attempt,
-                     supersedes)
+class Pending:
+    """The pending shards of a run, made into :class:`ShardWork` one at a time as they are
+    iterated (entries and tasks of one shard exist at once, not of every shard): the tasks
+    from ``found``, with what the table join gave each unit (``joined``: unit key →
+    (annotations, report, report_file))."""
+
+    def __init__(self, plans: list[ShardPlan], found: Found, joined: dict | None = None):
+        self.plans, self.found, self.joined = plans, found, joined or {}
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def n_units(self) -> int:
+        return sum(len(p.units) for p in self.plans)
+
+    def work(self, plan: ShardPlan) -> ShardWork:
+        by_index = unit_entries(plan.units, self.found)
+        tasks = unit_tasks(plan.units, self.found, by_index)
+        for t in tasks:
+            if t.unit_key in self.joined:
+                t.annotations, t.report, t.report_file = self.joined[t.unit_key]
+        entries = {j: by_index[j] for t in tasks for j in unit_files(t)}
+        return ShardWork(plan.k, tasks, entries, plan.attempt, plan.supersedes)
+
+    def __iter__(self) -> Iterator[ShardWork]:
+        return (self.work(p) for p in self.plans)
+
+
+def unit_keys_digests(units: list[Unit], found: Found, chunk: int = 4096) -> dict[str, str]:
+    """Unit key → :func:`pipeline.write.unit_digest` of its files' keys, ``chunk`` units at a
+    time (their file keys are Python strings only while their chunk is digested)."""
+    out = {}
+    for i in range(0, len(units), chunk):
+        part = units[i:i + chunk]
+        files = [u.files() for u in part]
+        keys = found.file_keys(np.concatenate(files)) if part else []
+        at = 0
+        for u, f in zip(part, files, strict=True):
+            out[u.unit_key] = unit_digest(keys[at:at + len(f)])
+            at += len(f)
+    return out
 
 
 def plan_discovery(now: dict[str, dict], committed: dict[str, list[dict]], found: set[str],

@@ -250,14 +250,14 @@ def test_file_vanishing_after_discovery_is_a_filesystem_row(tmp_path, capfd, mon
     (src / f"{TAG}_vol").mkdir()
     nib.save(_nifti(), src / f"{TAG}_vol" / "volume.nii.gz")
     gone = next(p for p in src.rglob("*") if p.name == victim)
-    group_units = pipeline.run.build.group_units
+    plan_units = pipeline.run.build.plan_units
 
-    def group_then_delete(*args, **kwargs):
-        units = group_units(*args, **kwargs)
+    def plan_then_delete(*args, **kwargs):
+        units = plan_units(*args, **kwargs)
         gone.unlink()  # discovered and grouped, then gone before a worker opens it
         return units
 
-    monkeypatch.setattr(pipeline.run.build, "group_units", group_then_delete)
+    monkeypatch.setattr(pipeline.run.build, "plan_units", plan_then_delete)
     rows = build_and_check(src, tmp_path / "out", capfd)
     rel = os.fsencode(gone.relative_to(src.parent))
     assert (rows[rel]["status"], rows[rel]["reason"]) == ("quarantined", "filesystem")

@@ -1,0 +1,155 @@
+"""Discovery as one table (pipeline.ingest.found): the driver holds no Python object per file
+once a collection is walked, scanned and planned; the table gives back every entry exactly
+(names that are not UTF-8 included); planning on it equals planning on the entries."""
+
+from __future__ import annotations
+
+import gc
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from factories import ramp_volume, write_series
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import BuildConfig, ExecConfig
+from pipeline.ingest.deid import Deidentifier
+from pipeline.ingest.discover import scan_headers, walk
+from pipeline.ingest.found import Found, cell, uncell
+from pipeline.ingest.units import group_units, plan_units, unit_tasks
+from pipeline.run.scan import scan
+
+DEID = Deidentifier(b"f" * 32)
+
+
+def _many_files(src: Path, series: int, slices: int) -> int:
+    for s in range(series):
+        write_series(src / f"s{s:03d}", ramp_volume((slices, 8, 8), seed=s),
+                     series_uid=f"1.2.3.{s + 1}")
+    for i in range(series * 2):  # files settled by the walk, outside every unit
+        (src / "notes" / f"n{i:04d}.txt").parent.mkdir(exist_ok=True)
+        (src / "notes" / f"n{i:04d}.txt").write_text("x")
+    return series * slices + series * 2
+
+
+def test_planned_collection_holds_no_python_object_per_file(tmp_path):
+    """Walk, header scan and planning of 2 440 files: what stays on the Python heap (the table
+    lives in Arrow memory) is per unit, not per file. One FileEntry + Header per file, as
+    discovery held before, is ~3 KB per file."""
+    n = _many_files(tmp_path / "src", series=20, slices=120)
+    cfg = BuildConfig(sources=(tmp_path / "src",), out=tmp_path / "out",
+                      execution=ExecConfig(executor="local", workers=1, header_batch=256))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        found = Found.walk(cfg.sources, DEID)
+        scan(found, cfg, DEID)
+        units = plan_units(found, DEID)
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(found) == n and len(units) == 20
+    assert sum(len(u.images) for u in units) == 20 * 120
+    per_file = (held - base) / n
+    assert per_file < 150, f"{per_file:.0f} bytes of Python objects per file"
+
+
+def _equal_entries(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert (x.index, x.path, x.rel, x.file_key, x.size, x.kind, x.status, x.reason,
+                x.error, x.header, x.mtime_ns, x.group_key) == \
+               (y.index, y.path, y.rel, y.file_key, y.size, y.kind, y.status, y.reason,
+                y.error, y.header, y.mtime_ns, y.group_key)
+
+
+def test_the_table_gives_back_every_entry_exactly(tmp_path):
+    """Walked into a table (paths from the root's base and ``rel``) or kept as a list, with
+    headers: the same entries, names that are not UTF-8 and a second root included."""
+    src, other = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    write_series(src / "ct", ramp_volume((3, 16, 16)), series_uid="1.2.3")
+    write_series(other / "x", ramp_volume((2, 8, 8)), series_uid="1.2.4")
+    bad = os.fsencode(src / "ct") + b"/IM_\xff\xfe.dcm"
+    with open(bad, "wb") as f:
+        f.write((src / "ct" / "IM0000.dcm").read_bytes())
+    (src / "readme.txt").write_text("x")
+    listed = scan_headers(walk([src, other], DEID), DEID)
+    found = Found.walk([src, other], DEID, chunk=2)  # chunks of 2 rows: several frames
+    done = {e.index: e for e in scan_headers(found.entries(range(len(found))), DEID)}
+    assert sum(e.header is not None for e in done.values()) == 6
+    from pipeline.ingest.found import entry_rows
+
+    found.update(entry_rows(done.values()).drop("rel", "root", "file_key", "size", "kind",
+                                                "mtime_ns"))
+    _equal_entries(found.entries(range(len(found))), listed)
+    _equal_entries(Found.from_entries(listed).entries(range(len(listed))), listed)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(max_size=8) | st.sampled_from(["\udcff", "\udc80", "\ud800", "/",
+                                                       "\x00", "PATIENT^NAME"]),
+                max_size=6))
+def test_cells_round_trip_every_name(pieces):
+    """Any name Python may hold (lone surrogates from undecodable bytes, the marker itself)
+    is a valid UTF-8 cell that reads back as itself."""
+    text = "".join(pieces)
+    c = cell(text)
+    c.encode("utf-8")
+    assert uncell(c) == text
+
+
+def test_planning_on_the_table_equals_planning_on_entries(tmp_path):
+    """plan_units on a walked table and group_units on the list of the same entries: the same
+    units with the same files, labels and headers."""
+    src = tmp_path / "src"
+    write_series(src / "ct", ramp_volume((3, 16, 16)), series_uid="1.2.3")
+    write_series(src / "mr", ramp_volume((2, 8, 8)), series_uid="1.2.4")
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 3), np.int16), np.eye(4))
+    nib.save(img, src / "vol.nii.gz")
+    nib.save(img, src / "vol_seg.nii.gz")
+    nib.save(img, src / "ct_seg.nii.gz")  # a label map of the DICOM series in ct/
+    nib.save(img, src / "lost_seg.nii.gz")  # pairs with nothing
+    (src / "ct_seg.json").write_text('{"1": "liver"}')
+    (src / "other.json").write_text("{}")
+    cfg = BuildConfig(sources=(src,), out=tmp_path / "out",
+                      execution=ExecConfig(executor="local", workers=1))
+    found = Found.walk(cfg.sources, DEID)
+    scan(found, cfg, DEID)
+    planned = unit_tasks(plan_units(found, DEID), found)
+    entries = scan_headers(walk([src], DEID), DEID)
+    grouped = group_units(entries, DEID)
+    assert [(t.unit_key, t.kind, t.image_files, t.label_file, t.label_kind, t.names_file,
+             t.headers) for t in planned] == \
+           [(t.unit_key, t.kind, t.image_files, t.label_file, t.label_kind, t.names_file,
+             t.headers) for t in grouped]
+    assert len(planned) == 3 and sum(t.label_file is not None for t in planned) == 2
+    outcomes = dict(zip(found.frame["rel"], found.frame["reason"], strict=True))
+    assert outcomes == {e.rel: e.reason for e in entries}
+    assert outcomes["src/lost_seg.nii.gz"] == "unpaired_label"
+    assert outcomes["src/other.json"] == "sidecar"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_isolator_takes_items_as_children_free_up(workers):
+    """Isolator.map does not run a generator ahead: it holds at most ``workers`` items more
+    than it has answered (a build's shards are made as they are dispatched)."""
+    from pipeline.run.isolate import Isolator
+
+    taken, answered, ahead = [0], [0], []
+
+    def items():
+        for i in range(12):
+            taken[0] += 1
+            ahead.append(taken[0] - answered[0])
+            yield i
+
+    with Isolator(abs, workers, 30.0, 1 << 30) as iso:
+        for _ in iso.map(items()):
+            answered[0] += 1
+    assert answered[0] == 12 and max(ahead) <= workers
