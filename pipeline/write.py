@@ -27,6 +27,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -247,21 +248,34 @@ def atomic_write_bytes(path, data: bytes) -> None:
     storage.put_bytes(path, data)
 
 
-def _write_parquet(path, data: pa.Table, table: str) -> str:
-    """Write ``data`` to ``path`` whole → its sha256. Locally a temporary name, fsync, rename;
-    remotely the file is encoded in memory (a shard's table: megabytes) and PUT once."""
+def _write_to(sink, data, schema: pa.Schema | None, kw: dict) -> None:
+    """``data`` (a table, or record batches of ``schema``) as Parquet into ``sink``."""
+    if isinstance(data, pa.Table):
+        pq.write_table(data, sink, **kw)
+        return
+    rows = kw.pop("row_group_size")
+    with pq.ParquetWriter(sink, schema, compression=kw["compression"],
+                          write_statistics=kw["write_statistics"]) as writer:
+        for batch in data:
+            writer.write_batch(batch, row_group_size=rows)
+
+
+def _write_parquet(path, data, table: str, schema: pa.Schema | None = None) -> str:
+    """Write ``data`` (a table, or record batches of ``schema``, written as they come) to
+    ``path`` whole → its sha256. Locally a temporary name, fsync, rename; remotely the file is
+    encoded in memory (a shard's table: megabytes) and PUT once."""
     kw = {"compression": "zstd", "row_group_size": ROW_GROUP_ROWS[table],
           "write_statistics": True}
     if storage.is_remote(path):
         sink = pa.BufferOutputStream()
-        pq.write_table(data, sink, **kw)
+        _write_to(sink, data, schema, kw)
         body = sink.getvalue().to_pybytes()
         storage.put_bytes(path, body)
         return hashlib.sha256(body).hexdigest()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(data, tmp, **kw)
+    _write_to(str(tmp), data, schema, kw)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -475,36 +489,59 @@ def file_index_path(out):
     return storage.join(out, "_index", "files.parquet")
 
 
-def write_file_index(out, rows: pa.Table | list[dict] | dict[str, list], key_id: str) -> None:
+def write_file_index(out, rows, key_id: str) -> None:
     """Replace the file index in one atomic act (local: temporary name, fsync, rename; object
-    store: one PUT), tagged with its version and the de-identification key's id. ``rows``: a
-    table of ``FILE_INDEX_SCHEMA``, row dicts, or one list per column."""
+    store: one PUT), tagged with its version and the de-identification key's id. ``rows``:
+    row dicts, one list per column, or an iterator of ``FILE_INDEX_SCHEMA`` record batches
+    (written as they come)."""
     meta = {b"file_index_version": FILE_INDEX_VERSION.encode(), b"deid_key_id": key_id.encode()}
     schema = FILE_INDEX_SCHEMA.with_metadata(meta)
-    if isinstance(rows, pa.Table):
-        data = rows.cast(FILE_INDEX_SCHEMA).replace_schema_metadata(meta)
-    elif isinstance(rows, dict):
+    if isinstance(rows, dict):
         data = pa.Table.from_pydict(rows, schema=schema)
-    else:
+    elif isinstance(rows, list):
         data = pa.Table.from_pylist(rows, schema=schema)
-    _write_parquet(file_index_path(out), data, "file_index")
+    else:
+        data = (batch.replace_schema_metadata(meta) for batch in rows)
+    _write_parquet(file_index_path(out), data, "file_index", schema)
 
 
-def read_file_index(out, key_id: str) -> pa.Table | None:
-    """The file index, or None when there is none, it cannot be read, or it was written by
-    another index version, under another key or against another schema: not trusted, every
-    header is read again."""
+@contextmanager
+def open_file_index(out, key_id: str, batch_rows: int = 16384):
+    """The file index as an iterator of record batches of ``batch_rows`` rows (the whole
+    table is never in memory at once), or None when there is none, it cannot be read, or it
+    was written by another index version, under another key or against another schema: not
+    trusted, every header is read again."""
     fs, path = storage.resolve(file_index_path(out))
     try:
         if fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with fs.open_input_file(path) as f:  # one file: no dataset machinery to import
-            data = pq.ParquetFile(f).read()
+            yield None
+            return
+        f = fs.open_input_file(path)  # one file: no dataset machinery to import
     except (OSError, pa.ArrowException):
-        return None
-    meta = data.schema.metadata or {}
-    if (meta.get(b"file_index_version") != FILE_INDEX_VERSION.encode()
-            or meta.get(b"deid_key_id") != key_id.encode()
-            or not data.schema.remove_metadata().equals(FILE_INDEX_SCHEMA)):
-        return None
-    return data
+        yield None
+        return
+    with f:
+        try:
+            data = pq.ParquetFile(f)
+            schema = data.schema_arrow
+        except (OSError, pa.ArrowException):
+            yield None
+            return
+        meta = schema.metadata or {}
+        if (meta.get(b"file_index_version") != FILE_INDEX_VERSION.encode()
+                or meta.get(b"deid_key_id") != key_id.encode()
+                or not schema.remove_metadata().equals(FILE_INDEX_SCHEMA)):
+            yield None
+            return
+        yield data.iter_batches(batch_size=batch_rows)
+
+
+def read_file_index(out, key_id: str) -> pa.Table | None:
+    """:func:`open_file_index` as one table (tests, small indexes), or None."""
+    with open_file_index(out, key_id) as batches:
+        if batches is None:
+            return None
+        try:
+            return pa.Table.from_batches(list(batches), FILE_INDEX_SCHEMA)
+        except (OSError, pa.ArrowException):
+            return None

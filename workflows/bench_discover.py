@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 PASS = r"""
+import workflows.build_corpus  # first: the allocator settings build-corpus runs with
 import json, pickle, resource, sys, time
 from pathlib import Path
 import pandas  # loaded by the first Parquet write of any build: its import is not discovery's
@@ -66,11 +67,17 @@ print(json.dumps({**fields["header_scan"], "units": pending.n_units(), "shards":
 """
 
 
-def run_pass(src: Path, out: Path, workers: int, executor: str) -> dict:
+# --default-allocators: the allocators' own defaults instead of build-corpus's settings
+DEFAULT_ALLOCATORS = {"_RJEM_MALLOC_CONF": "", "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}
+
+
+def run_pass(src: Path, out: Path, workers: int, executor: str,
+             default_allocators: bool = False) -> dict:
     """One discovery pass in a fresh interpreter (its peak RSS is the pass's own)."""
+    env = {**os.environ, **(DEFAULT_ALLOCATORS if default_allocators else {})}
     proc = subprocess.run([sys.executable, "-c", PASS, str(src), str(out), str(workers),
                            executor],
-                          check=True, capture_output=True, text=True)
+                          check=True, capture_output=True, text=True, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -93,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--src", type=Path, default=None, help="collection folder (kept)")
     ap.add_argument("--executor", choices=("local", "ray"), default="local",
                     help="header scan in forked workers, or as Ray tasks (embedded Ray)")
+    ap.add_argument("--default-allocators", action="store_true",
+                    help="Polars' and Arrow's own allocator defaults, not build-corpus's")
     args = ap.parse_args(argv)
     from pipeline.phantoms.studies import make_phantoms
 
@@ -103,12 +112,13 @@ def main(argv=None) -> int:
         make_phantoms(src, args.patients, matrix=args.matrix, workers=args.workers)
     made_s = time.perf_counter() - t
     out = tmp / "out"
-    full = run_pass(src, out, args.workers, args.executor)
-    resume = run_pass(src, out, args.workers, args.executor)
+    alloc = args.default_allocators
+    full = run_pass(src, out, args.workers, args.executor, alloc)
+    resume = run_pass(src, out, args.workers, args.executor, alloc)
     touched = touch_some(src)
-    changed = run_pass(src, out, args.workers, args.executor)
+    changed = run_pass(src, out, args.workers, args.executor, alloc)
     report = {"patients": args.patients, "matrix": args.matrix, "workers": args.workers,
-              "executor": args.executor,
+              "executor": args.executor, "default_allocators": alloc,
               "files": full["files"], "make_s": round(made_s, 1), "full": full,
               "resume_unchanged": resume, "touched": touched, "resume_touched": changed,
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs"}

@@ -15,11 +15,13 @@ refused (``filesystem``) and files whose batch the isolation killed (timeouts, m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import polars as pl
 import pyarrow as pa
 
 from pipeline.ingest.discover import FileEntry
-from pipeline.ingest.found import FOUND_SCHEMA, Found
+from pipeline.ingest.found import Found
 from pipeline.write import FILE_INDEX_SCHEMA
 
 CONTENT_REASONS = frozenset({"not_medical", "unreadable", "truncated", "encoding", "recursion",
@@ -30,17 +32,28 @@ _SCANNED = (pl.col("kind") == "dicom") & pl.col("status").is_null() \
 
 def to_scan(found: Found) -> pl.Series:
     """Indexes of the DICOM rows that have neither a header nor a verdict yet."""
-    return found.frame.filter(_SCANNED)["index"]
+    return found.frame.lazy().filter(_SCANNED).select("index").collect()["index"]
+
+
+def _kept() -> pl.Expr:
+    return (pl.col("kind") == "dicom") & (
+        pl.col("header_kind").is_not_null()
+        | (pl.col("status").is_not_null() & pl.col("reason").is_in(list(CONTENT_REASONS))))
+
+
+def index_batches(found: Found, rows: int = 65536) -> Iterator[pa.RecordBatch]:
+    """The file index of a run (see module doc), ``rows`` rows of the table at a time: its
+    DICOM rows with a header, or with a verdict that comes from the file's bytes alone, as
+    ``FILE_INDEX_SCHEMA`` record batches."""
+    for part in found.frame.iter_slices(rows):
+        kept = part.lazy().filter(_kept()).rename({"size": "size_bytes"})
+        table = kept.select(FILE_INDEX_SCHEMA.names).collect().to_arrow()
+        yield from table.cast(FILE_INDEX_SCHEMA).to_batches()
 
 
 def index_table(found: Found) -> pa.Table:
-    """The file index of a run (see module doc): its DICOM rows with a header, or with a
-    verdict that comes from the file's bytes alone, as ``FILE_INDEX_SCHEMA``."""
-    kept = (pl.col("kind") == "dicom") & (
-        pl.col("header_kind").is_not_null()
-        | (pl.col("status").is_not_null() & pl.col("reason").is_in(list(CONTENT_REASONS))))
-    rows = found.frame.filter(kept).rename({"size": "size_bytes"})
-    return rows.select(FILE_INDEX_SCHEMA.names).to_arrow().cast(FILE_INDEX_SCHEMA)
+    """:func:`index_batches` as one table."""
+    return pa.Table.from_batches(list(index_batches(found)), FILE_INDEX_SCHEMA)
 
 
 def index_columns(entries: list[FileEntry]) -> dict[str, list]:
@@ -53,16 +66,25 @@ def index_rows(entries: list[FileEntry]) -> list[dict]:
     return index_table(Found.from_entries(entries)).to_pylist()
 
 
-def reuse_found(found: Found, index: pa.Table | None) -> int:
+def reuse_found(found: Found, index) -> int:
     """Give every DICOM row whose file the index holds unchanged (same file key, size and
-    modification time) the header, unit key and verdict the index holds → how many rows."""
-    if index is None or index.num_rows == 0:
+    modification time) the header, unit key and verdict the index holds → how many rows.
+    ``index``: the index as a table or as record batches
+    (:func:`pipeline.write.open_file_index`), joined a batch at a time; None: no index."""
+    if index is None:
         return 0
-    held = pl.from_arrow(index).rename({"size_bytes": "size"}).unique("file_key", keep="first")
-    todo = found.frame.filter(_SCANNED).select("index", "file_key", "size", "mtime_ns")
-    hits = todo.join(held, on=["file_key", "size", "mtime_ns"], how="inner")
-    hits = hits.drop("file_key", "size", "mtime_ns")
-    found.update(hits.cast({k: v for k, v in FOUND_SCHEMA.items() if k in hits.columns}))
+    batches = index.to_batches() if isinstance(index, pa.Table) else index
+    todo = (found.frame.lazy().filter(_SCANNED).select("index", "file_key", "size", "mtime_ns")
+            .collect())
+    hits = []
+    for batch in batches:
+        held = pl.from_arrow(batch).rename({"size_bytes": "size"})
+        hits.append(todo.join(held, on=["file_key", "size", "mtime_ns"], how="inner")
+                    .drop("file_key", "size", "mtime_ns"))
+    hits = pl.concat(hits) if hits else None
+    if hits is None or not hits.height:
+        return 0
+    found.update(hits)
     return hits.height
 
 

@@ -52,7 +52,7 @@ FOUND_SCHEMA = {"index": pl.Int64, "root": pl.Int32, "rel": pl.String, "file_key
                 "size": pl.Int64, "mtime_ns": pl.Int64, "kind": pl.String,
                 "status": pl.String, "reason": pl.String, "error": pl.String,
                 "group_key": pl.String, **HEADER_SCHEMA}
-CHUNK_ROWS = 1 << 16  # entries gathered as Python objects before they become frame rows
+CHUNK_ROWS = 1 << 13  # entries gathered as Python objects before they become frame rows
 
 
 _HEX = "\x00"  # marks a hex cell: no path holds a NUL
@@ -144,7 +144,7 @@ class Found:
                 frames.append(entry_rows(buf))
                 buf = []
         frames.append(entry_rows(buf))
-        return cls(pl.concat(frames, rechunk=True), tuple(bases), tuple(labels))
+        return cls(pl.concat(frames, rechunk=False), tuple(bases), tuple(labels))
 
     @classmethod
     def from_entries(cls, entries: list[FileEntry]) -> Found:
@@ -164,6 +164,10 @@ class Found:
         return pl.concat_str(
             pl.col("root").replace_strict(base, return_dtype=pl.String),
             pl.col("rel").str.slice(pl.col("root").replace_strict(cut, return_dtype=pl.Int64)))
+
+    def path_columns(self) -> list[str]:
+        """The columns a row's path comes from (:meth:`paths`, :meth:`path_expr`)."""
+        return ["path"] if "path" in self.frame.columns else ["root", "rel"]
 
     def hex_cell(self) -> pl.Expr:
         """True for rows whose name is stored as a hex cell."""
@@ -210,9 +214,18 @@ class Found:
 
     def update(self, rows: pl.DataFrame) -> None:
         """Set the non-null values of ``rows`` (an ``index`` column and any others of the
-        frame) on the rows with those indexes."""
-        if rows.height:
-            self.frame = self.frame.update(rows, on="index", how="left")
+        frame) on the rows with those indexes. Column by column (a row's index is its
+        position): one column is made anew at a time, not the whole frame, as a join would."""
+        if not rows.height:
+            return
+        where = np.full(self.frame.height, -1, dtype=np.int64)
+        where[rows["index"].to_numpy()] = np.arange(rows.height)
+        take = pl.Series("take", where).replace(-1, None)
+        for name in rows.columns:
+            if name == "index" or rows[name].null_count() == rows.height:
+                continue
+            fresh = rows[name].cast(self.frame.schema[name]).gather(take)
+            self.frame = self.frame.with_columns(pl.coalesce(fresh, pl.col(name)).alias(name))
 
     def settle(self, outcomes: dict[int, tuple[str, str, str]]) -> None:
         """Give rows their final (status, reason, error)."""

@@ -159,10 +159,12 @@ class _Plan:
         self.consumed: set[int] = set()  # rows a collection layout paired
         self.outcomes: dict[int, tuple[str, str, str]] = {}
 
-    def rows(self, where: pl.Expr) -> pl.DataFrame:
-        """Rows matching ``where`` that no collection layout took."""
-        f = self.found.frame.filter(where)
-        return f.filter(~pl.col("index").is_in(list(self.consumed))) if self.consumed else f
+    def rows(self, where: pl.Expr, *columns: str) -> pl.DataFrame:
+        """``columns`` of the rows matching ``where`` that no collection layout took (only
+        those columns are copied)."""
+        if self.consumed:
+            where = where & ~pl.col("index").is_in(list(self.consumed))
+        return self.found.frame.lazy().filter(where).select("index", *columns).collect()
 
     def entries(self, where: pl.Expr) -> list[FileEntry]:
         return self.found.entries(self.rows(where)["index"])
@@ -176,7 +178,7 @@ class _Plan:
         """DICOM images grouped by the unit key discovery gave each file
         (:func:`pipeline.ingest.discover.key_header`), fresh from a scan or from the index."""
         images = self.rows((pl.col("kind") == "dicom") & pl.col("status").is_null()
-                           & (pl.col("header_kind") == "image"))
+                           & (pl.col("header_kind") == "image"), "group_key", "series_uid_key")
         groups = images.group_by("group_key", maintain_order=True).agg(
             pl.col("index"), pl.col("series_uid_key").first())
         self.series = groups["series_uid_key"].to_list()  # of each DICOM unit's first file
@@ -236,9 +238,8 @@ class _Plan:
             return at
         dicom = {u.unit_key: i for i, u in enumerate(self.units[:self.n_dicom])}
         images = self.rows((pl.col("kind") == "dicom") & pl.col("status").is_null()
-                           & (pl.col("header_kind") == "image")).select(
-            "index", "group_key", *(["path"] if "path" in self.found.frame.columns
-                                   else ["root", "rel"]))
+                           & (pl.col("header_kind") == "image"), "group_key",
+                           *self.found.path_columns())
         hits = self.found.match_paths(images, wanted)
         if hits:
             mine = images.filter(pl.col("index").is_in([i for i, _, _ in hits]))
@@ -259,8 +260,10 @@ class _Plan:
         wanted = {str(c) for e in labels for c in _names_candidates(e)}
         names: dict[str, tuple[int, bool]] = {}  # path → (index, usable: no verdict)
         if wanted:
-            json = self.found.frame.filter(pl.col("rel").str.ends_with(".json")
-                                           | self.found.hex_cell())
+            json = (self.found.frame.lazy()
+                    .filter(pl.col("rel").str.ends_with(".json") | self.found.hex_cell())
+                    .select("index", "status", *self.found.path_columns())
+                    .collect())
             usable = dict(json.select("index", pl.col("status").is_null()).rows())
             for i, p, _ in self.found.match_paths(json, wanted):
                 if p in wanted:  # the file itself, not a file in a folder of that name
@@ -280,7 +283,8 @@ class _Plan:
         for i in sorted(range(self.n_dicom), key=lambda i: -len(self.units[i].images)):
             by_series.setdefault(self.series[i], self.units[i])
         rows = self.rows((pl.col("kind") == "dicom") & pl.col("status").is_null()
-                         & pl.col("header_kind").is_in(["rtstruct", "seg"]))
+                         & pl.col("header_kind").is_in(["rtstruct", "seg"]), "header_kind",
+                         "referenced_series_key")
         for index, kind, ref in zip(rows["index"].to_list(), rows["header_kind"].to_list(),
                                     rows["referenced_series_key"].to_list(), strict=True):
             unit = by_series.get(ref or "")

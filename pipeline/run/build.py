@@ -28,7 +28,7 @@ from pipeline import storage
 from pipeline.config import PIPELINE_VERSION, BuildConfig, RequestError
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.dicom_io import missing_decoders
-from pipeline.ingest.file_index import index_table, reuse_found
+from pipeline.ingest.file_index import index_batches, reuse_found
 from pipeline.ingest.found import Found
 from pipeline.ingest.units import Unit, plan_units, unit_entries, unit_tasks
 from pipeline.run.attach import Join, JoinCounts, Tables, beside_candidates, load_tables
@@ -53,7 +53,7 @@ from pipeline.write import (
     corpus_file,
     file_sha256,
     marker_files,
-    read_file_index,
+    open_file_index,
     remove_stale_temporaries,
     shard_number,
     write_file_index,
@@ -181,9 +181,10 @@ def discover(cfg: BuildConfig, deid: Deidentifier) -> tuple[Found, dict]:
     not trusted); then replace the index → (found, counts: files, from_index, scanned)."""
     found = Found.walk([*cfg.sources, *(root for _, root in cfg.collections)], deid,
                        max_bytes=cfg.read.series_budget_bytes + FILE_SLACK_BYTES)
-    reused = reuse_found(found, read_file_index(cfg.out, deid.key_id))
+    with open_file_index(cfg.out, deid.key_id) as index:
+        reused = reuse_found(found, index)
     scanned = scan(found, cfg, deid)
-    write_file_index(cfg.out, index_table(found), deid.key_id)
+    write_file_index(cfg.out, index_batches(found), deid.key_id)
     return found, {"files": len(found), "from_index": reused, "scanned": scanned}
 
 
@@ -211,7 +212,9 @@ def _join(units: list[Unit], found: Found, tables: Tables | None, deid: Deidenti
         if tables.beside:
             wanted = {str(c) for t in tasks if t.kind == "dicom"
                       for c in beside_candidates(t.image_files[0][1])}
-            rows = found.frame.filter(pl.col("reason") == "not_medical")
+            rows = (found.frame.lazy().filter(pl.col("reason") == "not_medical")
+                    .select("index", *found.path_columns())
+                    .collect())
             texts = {Path(p): i for i, p, _ in found.match_paths(rows, wanted) if p in wanted}
         join(tasks, entries, texts)
         joined.update((t.unit_key, (t.annotations, t.report, t.report_file)) for t in tasks
@@ -242,10 +245,9 @@ def _commit_discovery(out, found: Found, in_units: np.ndarray, plans: list[Shard
     """Commit the rows of files outside every unit: committed discovery shards keep theirs
     (a shard whose rows another row now replaces is redone without them, before the pending
     shards write that row); rows no discovery shard holds go into a new one."""
-    outside = found.frame.filter(~pl.col("index").is_in(in_units))
-    rows = outside.select("file_key", pl.lit(None, pl.Int64).alias("shard"),
+    rows = found.frame.lazy().filter(~pl.col("index").is_in(in_units)).select("file_key", pl.lit(None, pl.Int64).alias("shard"),
                           pl.lit(None, pl.String).alias("unit_key"), "kind", "status",
-                          "reason", "error", pl.col("size").alias("size_bytes"))
+                          "reason", "error", pl.col("size").alias("size_bytes")).collect()
     now = {r["file_key"]: r for r in rows.to_dicts()}
     committed = {}
     for name, m in markers.items():
@@ -256,7 +258,8 @@ def _commit_discovery(out, found: Found, in_units: np.ndarray, plans: list[Shard
     held = list({r["file_key"] for rows in committed.values() for r in rows})
     found_keys = written = set()
     if held:  # of the committed discovery rows' files: which are found now, which rewritten
-        found_keys = set(found.frame.filter(pl.col("file_key").is_in(held))["file_key"])
+        found_keys = set(found.frame.lazy().filter(pl.col("file_key").is_in(held))
+                         .select("file_key").collect()["file_key"])
         pending = [u.files() for p in plans for u in p.units]
         if pending:
             written = set(found.file_keys(np.concatenate(pending))) & found_keys

@@ -153,3 +153,38 @@ def test_isolator_takes_items_as_children_free_up(workers):
         for _ in iso.map(items()):
             answered[0] += 1
     assert answered[0] == 12 and max(ahead) <= workers
+
+
+def test_build_corpus_sets_the_allocators_before_polars_and_arrow_load(tmp_path):
+    """The head's allocators return freed memory at once (workflows/build_corpus.py): the
+    variables are set before Polars or Arrow is first imported (later they do nothing), and a
+    value the user set is kept."""
+    import ast
+    import subprocess
+    import sys
+
+    probe = (
+        "import builtins, os, sys\n"
+        "seen = {}\n"
+        "real = builtins.__import__\n"
+        "def hook(name, *a, **k):\n"
+        "    top = name.split('.')[0]\n"
+        "    if top in ('polars', 'pyarrow') and top not in seen:\n"
+        "        seen[top] = (os.environ.get('_RJEM_MALLOC_CONF'),\n"
+        "                     os.environ.get('ARROW_DEFAULT_MEMORY_POOL'))\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = hook\n"
+        "import workflows.build_corpus\n"
+        "print(seen)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("_RJEM_MALLOC_CONF", "ARROW_DEFAULT_MEMORY_POOL")}
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    seen = ast.literal_eval(out)
+    assert set(seen) == {"polars", "pyarrow"}
+    assert all(v == ("dirty_decay_ms:0,muzzy_decay_ms:0", "system") for v in seen.values())
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    assert all(v[1] == "jemalloc" for v in ast.literal_eval(out).values())
