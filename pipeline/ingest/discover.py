@@ -239,31 +239,41 @@ def iter_walk(roots, deid: Deidentifier, max_bytes: int | None = None) -> Iterat
     roots, bases, labels = sources(roots)
     n = 0
     for number, (root, base, label) in enumerate(zip(roots, bases, labels, strict=True)):
-        if isinstance(root, str):
-            found = _remote_entries(root, base, label, deid, n, max_bytes)
-        elif root.is_file():
-            found = iter([_entry(n, root, base, label, deid, max_bytes)])
-        else:
-            found = _walk_folder(root, label, deid, n, max_bytes)
-        for e in found:
+        for e in root_entries(root, base, label, deid, n, max_bytes):
             e.root = number
             n += 1
             yield e
 
 
-def _walk_folder(root: Path, label: str, deid: Deidentifier, start: int,
-                 max_bytes: int | None) -> Iterator[FileEntry]:
+def root_entries(root, base: Path, label: str, deid: Deidentifier, start: int = 0,
+                 max_bytes: int | None = None) -> Iterator[FileEntry]:
+    """The entries of one root as :func:`sources` gives it (``index`` from ``start``): an
+    object listing, one file, or a folder's walk."""
+    if isinstance(root, str):
+        return _remote_entries(root, base, label, deid, start, max_bytes)
+    if root.is_file():
+        return iter([_entry(start, root, base, label, deid, max_bytes)])
+    return walk_folder(root, label, deid, start, max_bytes)
+
+
+def walk_folder(root: Path, label: str, deid: Deidentifier, start: int,
+                 max_bytes: int | None, top: Path | None = None,
+                 shallow: bool = False) -> Iterator[FileEntry]:
+    """The entries under folder ``top`` (default: ``root``), keyed relative to ``root``, in
+    :func:`iter_walk`'s order; ``shallow``: ``top``'s own listing only (its files and links),
+    not its subfolders (:func:`subfolders` lists those)."""
     unlisted: list[Path] = []  # folders os.walk could not list, reported in walk order
     n = start
+    top = root if top is None else top
 
     def refuse(path: Path) -> FileEntry:
         rel = f"{label}/{path.relative_to(root).as_posix()}"
         return refused(n, path, rel, file_key(deid, rel))
 
     for dirpath, dirnames, filenames in os.walk(
-            root, followlinks=False,
+            top, followlinks=False,
             onerror=lambda err: unlisted.append(Path(err.filename) if err.filename is not None
-                                                else root)):
+                                                else top)):
         while unlisted:
             yield refuse(unlisted.pop(0))
             n += 1
@@ -272,9 +282,28 @@ def _walk_folder(root: Path, label: str, deid: Deidentifier, start: int,
         for name in sorted(filenames) + sorted(d for d in dirnames if _is_link(here / d)):
             yield _entry(n, here / name, root, label, deid, max_bytes)
             n += 1
+        if shallow:
+            dirnames.clear()
     while unlisted:
         yield refuse(unlisted.pop(0))
         n += 1
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The folders :func:`iter_walk` descends into from ``folder``, in its order (sorted, no
+    symbolic links); none when ``folder`` cannot be listed (its walk reports it)."""
+    def is_dir(entry) -> bool:
+        try:
+            return entry.is_dir()
+        except OSError:  # as os.walk: not a folder it descends into
+            return False
+
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it if is_dir(e))
+    except FS_ERRORS:
+        return []
+    return [folder / d for d in names if not os.path.islink(folder / d)]
 
 
 def walk(roots, deid: Deidentifier, max_bytes: int | None = None) -> list[FileEntry]:

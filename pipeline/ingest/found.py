@@ -36,7 +36,14 @@ import numpy as np
 import polars as pl
 
 from pipeline.ingest.dicom_io import Header
-from pipeline.ingest.discover import FileEntry, iter_walk, sources
+from pipeline.ingest.discover import (
+    FileEntry,
+    iter_walk,
+    root_entries,
+    sources,
+    subfolders,
+    walk_folder,
+)
 from pipeline.write import FILE_INDEX_SCHEMA
 
 HEADER_COLUMNS = ("sop_class", "modality", "rows", "cols", "frames", "samples",
@@ -122,6 +129,27 @@ def entry_rows(entries: Iterable[FileEntry], paths: bool = False) -> pl.DataFram
     return pl.DataFrame(cols, schema=schema)
 
 
+PART_FOLDERS = 64  # subfolders of a root walked by one partition task
+
+
+def partitions(root: Path, label: str, number: int, max_bytes: int | None,
+               per_part: int = PART_FOLDERS) -> list[tuple]:
+    """``root``'s subfolders (:func:`pipeline.ingest.discover.subfolders`), ``per_part`` at
+    a time, in walk order: the arguments of :func:`walk_part` but the key."""
+    tops = subfolders(root)
+    return [(root, label, number, tops[i:i + per_part], max_bytes)
+            for i in range(0, len(tops), per_part)]
+
+
+def walk_part(root: Path, label: str, number: int, tops: list[Path], deid,
+              max_bytes: int | None, shallow: bool = False) -> pl.DataFrame:
+    """The rows of the walk of folders ``tops`` under ``root`` (root number ``number``), in
+    walk order; ``shallow``: each folder's own listing only. ``index`` is made by the caller."""
+    return entry_rows(e for top in tops for e in walk_folder(
+        root, label, deid, 0, max_bytes, top=top, shallow=shallow)).with_columns(
+        pl.lit(number, pl.Int32).alias("root"))
+
+
 @dataclass
 class Found:
     """Every entry a build found (see module doc). ``bases[r]`` and ``labels[r]``: root
@@ -132,19 +160,34 @@ class Found:
     labels: tuple[str, ...] = ()
 
     @classmethod
-    def walk(cls, roots, deid, max_bytes: int | None = None,
-             chunk: int = CHUNK_ROWS) -> Found:
+    def walk(cls, roots, deid, max_bytes: int | None = None, chunk: int = CHUNK_ROWS,
+             map_parts=None) -> Found:
         """Walk ``roots`` (:func:`pipeline.ingest.discover.iter_walk`) into a table, ``chunk``
-        entries at a time."""
-        _, bases, labels = sources(roots)
-        frames, buf = [], []
-        for e in iter_walk(roots, deid, max_bytes):
-            buf.append(e)
-            if len(buf) >= chunk:
-                frames.append(entry_rows(buf))
-                buf = []
-        frames.append(entry_rows(buf))
-        return cls(pl.concat(frames, rechunk=False), tuple(bases), tuple(labels))
+        entries at a time. ``map_parts``: run the walk of a folder root's subfolders as
+        partitions (``map_parts(parts) → frames``, in order, of :func:`walk_part` over
+        :func:`partitions`; the build's Ray tasks): the same rows in the same order."""
+        if map_parts is None:
+            _, bases, labels = sources(roots)
+            frames, buf = [], []
+            for e in iter_walk(roots, deid, max_bytes):
+                buf.append(e)
+                if len(buf) >= chunk:
+                    frames.append(entry_rows(buf))
+                    buf = []
+            frames.append(entry_rows(buf))
+            return cls(pl.concat(frames, rechunk=False), tuple(bases), tuple(labels))
+        roots, bases, labels = sources(roots)
+        frames = []
+        for number, (root, base, label) in enumerate(zip(roots, bases, labels, strict=True)):
+            if isinstance(root, str) or root.is_file():  # an object listing, or one file
+                frames.append(entry_rows(root_entries(root, base, label, deid, 0, max_bytes))
+                              .with_columns(pl.lit(number, pl.Int32).alias("root")))
+                continue
+            frames.append(walk_part(root, label, number, [root], deid, max_bytes, True))
+            frames += map_parts(partitions(root, label, number, max_bytes))
+        frame = pl.concat(frames, rechunk=False)
+        frame = frame.with_columns(pl.int_range(frame.height, dtype=pl.Int64).alias("index"))
+        return cls(frame, tuple(bases), tuple(labels))
 
     @classmethod
     def from_entries(cls, entries: list[FileEntry]) -> Found:

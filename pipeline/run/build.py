@@ -33,7 +33,7 @@ from pipeline.ingest.found import Found
 from pipeline.ingest.units import Unit, plan_units, unit_entries, unit_tasks
 from pipeline.run.attach import Join, JoinCounts, Tables, beside_candidates, load_tables
 from pipeline.run.execute import quiet_libraries, run_local, run_ray
-from pipeline.run.scan import ray_running, scan, stop_ray
+from pipeline.run.scan import ray_running, ray_walk, scan, stop_ray
 from pipeline.run.shards import (
     Pending,
     Resume,
@@ -179,8 +179,10 @@ def discover(cfg: BuildConfig, deid: Deidentifier) -> tuple[Found, dict]:
     """Walk the sources into one table and scan the headers of the DICOM files that are new or
     changed since the file index in ``cfg.out`` was written (all of them when it is missing or
     not trusted); then replace the index → (found, counts: files, from_index, scanned)."""
+    parts = ray_walk(cfg, deid) if cfg.execution.executor == "ray" else None
     found = Found.walk([*cfg.sources, *(root for _, root in cfg.collections)], deid,
-                       max_bytes=cfg.read.series_budget_bytes + FILE_SLACK_BYTES)
+                       max_bytes=cfg.read.series_budget_bytes + FILE_SLACK_BYTES,
+                       map_parts=parts)
     with open_file_index(cfg.out, deid.key_id) as index:
         reused = reuse_found(found, index)
     scanned = scan(found, cfg, deid)

@@ -1,5 +1,5 @@
-"""The header scan of a build: batches of DICOM files whose headers the file index did not
-answer for, each batch parsed in a forked child under a timeout and an address-space cap
+"""The header scan of a build (and, with Ray, the walk's partitions: :func:`ray_walk`):
+batches of DICOM files whose headers the file index did not answer for, each batch parsed in a forked child under a timeout and an address-space cap
 (:mod:`pipeline.run.isolate`: a crashing parse costs its batch, not the run).
 
 ``--executor local``: the batches run in this process's forked children. ``--executor ray``:
@@ -23,7 +23,7 @@ from pipeline.errors import IngestError
 from pipeline.ingest.deid import Deidentifier
 from pipeline.ingest.discover import FileEntry, scan_headers
 from pipeline.ingest.file_index import to_scan
-from pipeline.ingest.found import FOUND_SCHEMA, HEADER_SCHEMA, Found, entry_rows
+from pipeline.ingest.found import FOUND_SCHEMA, HEADER_SCHEMA, Found, entry_rows, walk_part
 from pipeline.run.execute import _ray_init, progress, workers
 from pipeline.run.isolate import run_isolated
 
@@ -79,6 +79,25 @@ def _ray(batches, cfg: BuildConfig, deid) -> Iterator[tuple[int, str, object]]:
             status, value = "err", IngestError("decode_crash", "the worker process exited "
                                                "without a result")
         yield i, status, value
+
+
+def ray_walk(cfg: BuildConfig, deid: Deidentifier):
+    """The walk's partitions as Ray tasks (``Found.walk``'s ``map_parts``): one task per
+    :func:`~pipeline.ingest.found.partitions` part (up to 64 subfolders of a root, walked where
+    Ray places it: a cluster's nodes list a shared file system in parallel), the rows back in
+    walk order. Ray is joined or started here, as for the header scan."""
+    import ray
+
+    def run(parts: list[tuple]) -> list:
+        if not parts:
+            return []
+        _ray_init(cfg)
+        task = ray.remote(num_cpus=1, max_retries=cfg.execution.max_retries)(walk_part)
+        refs = [task.remote(root, label, number, tops, deid, max_bytes)
+                for root, label, number, tops, max_bytes in parts]
+        return ray.get(refs)
+
+    return run
 
 
 _RESULT = ("index", "status", "reason", "error", "group_key", *HEADER_SCHEMA)

@@ -188,3 +188,108 @@ def test_build_corpus_sets_the_allocators_before_polars_and_arrow_load(tmp_path)
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=root, check=True,
                          capture_output=True, text=True).stdout
     assert all(v[1] == "jemalloc" for v in ast.literal_eval(out).values())
+
+
+def _local_parts(deid):
+    from pipeline.ingest.found import walk_part
+
+    return lambda parts: [walk_part(root, label, number, tops, deid, max_bytes)
+                          for root, label, number, tops, max_bytes in parts]
+
+
+def _same_walk(roots, map_parts, max_bytes=None):
+    whole = Found.walk(roots, DEID, max_bytes)
+    parted = Found.walk(roots, DEID, max_bytes, map_parts=map_parts)
+    assert parted.frame.equals(whole.frame)
+    assert (parted.bases, parted.labels) == (whole.bases, whole.labels)
+    return whole
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.lists(st.sampled_from(["a", "b", "Zed", "PATIENT^X", "x y"]),
+                                   min_size=0, max_size=3),
+                          st.sampled_from(["IM1.dcm", "v.nii.gz", "n.txt", "l_seg.nii.gz"])),
+                max_size=25),
+       st.integers(1, 4))
+def test_a_walk_in_partitions_gives_the_same_rows(tmp_path_factory, layout, per_part):
+    """Walked in partitions (a root's own listing, then its subfolders a few at a time, as the
+    build's Ray tasks walk them) or in one pass: the same rows in the same order, for any
+    layout (files beside folders, nested folders, two roots)."""
+    import pipeline.ingest.found as found_mod
+
+    base = tmp_path_factory.mktemp("walk")
+    for i, (folders, name) in enumerate(layout):
+        root = base / ("one" if i % 3 else "two") / "data"
+        path = root.joinpath(*folders, f"{i}_{name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * i)
+    roots = [base / r / "data" for r in ("one", "two")]
+    for r in roots:
+        r.mkdir(parents=True, exist_ok=True)
+    old = found_mod.PART_FOLDERS
+    found_mod.PART_FOLDERS = per_part
+    try:
+        _same_walk(roots, _local_parts(DEID))
+    finally:
+        found_mod.PART_FOLDERS = old
+
+
+def test_hostile_trees_walk_the_same_in_partitions(tmp_path):
+    """Links in and out of the root, a loop, a folder no one may list, names that are not
+    UTF-8, a file root beside a folder root: the same rows walked in partitions."""
+    src = tmp_path / "src"
+    write_series(src / "ct", ramp_volume((2, 8, 8)), series_uid="1.2.3")
+    (src / "deep" / "er").mkdir(parents=True)
+    (src / "deep" / "er" / "f.txt").write_text("x")
+    (src / "top.txt").write_text("x")
+    os.symlink(src / "ct", src / "link_dir")
+    os.symlink(tmp_path, src / "deep" / "out_link")
+    os.symlink(src / "loop", src / "loop")
+    with open(os.fsencode(src) + b"/\xff\xfe_dir.txt", "wb") as f:
+        f.write(b"x")
+    locked = src / "zz_locked"
+    locked.mkdir()
+    (locked / "secret.dcm").write_bytes(b"x")
+    locked.chmod(0)
+    one = tmp_path / "one.dcm"
+    one.write_bytes((src / "ct" / "IM0000.dcm").read_bytes())
+    try:
+        whole = _same_walk([src, one], _local_parts(DEID), max_bytes=1 << 20)
+    finally:
+        locked.chmod(0o755)
+    assert len(whole) >= 9
+
+
+def test_a_ray_build_walks_in_tasks_and_equals_a_local_build(tmp_path, monkeypatch):
+    """build-corpus --executor ray walks a root's subfolders as Ray tasks, and its discovery
+    equals the local executor's."""
+    import pipeline.run.build as build_mod
+    from pipeline.run.scan import stop_ray
+
+    src = tmp_path / "src"
+    for s in range(3):
+        write_series(src / f"p{s}" / "ct", ramp_volume((2, 8, 8), seed=s),
+                     series_uid=f"1.2.{s + 1}")
+    (src / "top.txt").write_text("x")
+    calls = []
+    real = build_mod.ray_walk
+
+    def counted(cfg, deid):
+        run = real(cfg, deid)
+
+        def parts(p):
+            calls.append([len(tops) for _, _, _, tops, _ in p])
+            return run(p)
+        return parts
+
+    monkeypatch.setattr(build_mod, "ray_walk", counted)
+    try:
+        found, _ = build_mod.discover(BuildConfig(
+            sources=(src,), out=tmp_path / "r", execution=ExecConfig(executor="ray", workers=2)),
+            DEID)
+    finally:
+        stop_ray()
+    local, _ = build_mod.discover(BuildConfig(sources=(src,), out=tmp_path / "l",
+                                              execution=ExecConfig(executor="local")), DEID)
+    assert calls == [[3]] and found.frame.equals(local.frame) and len(found) == 7
