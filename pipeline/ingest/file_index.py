@@ -56,13 +56,8 @@ def index_table(found: Found) -> pa.Table:
     return pa.Table.from_batches(list(index_batches(found)), FILE_INDEX_SCHEMA)
 
 
-def index_columns(entries: list[FileEntry]) -> dict[str, list]:
-    """:func:`index_table` of a list of entries, one list per column (tests, small runs)."""
-    return index_table(Found.from_entries(entries)).to_pydict()
-
-
 def index_rows(entries: list[FileEntry]) -> list[dict]:
-    """:func:`index_columns` as rows (tests, small runs)."""
+    """:func:`index_table` of a list of entries, as rows (tests, small runs)."""
     return index_table(Found.from_entries(entries)).to_pylist()
 
 
