@@ -133,10 +133,12 @@ PART_FOLDERS = 64  # subfolders of a root walked by one partition task
 
 
 def partitions(root: Path, label: str, number: int, max_bytes: int | None,
-               per_part: int = PART_FOLDERS) -> list[tuple]:
-    """``root``'s subfolders (:func:`pipeline.ingest.discover.subfolders`), ``per_part`` at
-    a time, in walk order: the arguments of :func:`walk_part` but the key."""
+               per_part: int | None = None) -> list[tuple]:
+    """``root``'s subfolders (:func:`pipeline.ingest.discover.subfolders`), ``per_part``
+    (default :data:`PART_FOLDERS`) at a time, in walk order: the arguments of
+    :func:`walk_part` but the key."""
     tops = subfolders(root)
+    per_part = per_part or PART_FOLDERS
     return [(root, label, number, tops[i:i + per_part], max_bytes)
             for i in range(0, len(tops), per_part)]
 

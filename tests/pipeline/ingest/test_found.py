@@ -227,12 +227,20 @@ def test_a_walk_in_partitions_gives_the_same_rows(tmp_path_factory, layout, per_
     roots = [base / r / "data" for r in ("one", "two")]
     for r in roots:
         r.mkdir(parents=True, exist_ok=True)
+    sizes = []
+    local = _local_parts(DEID)
+
+    def parts(p):
+        sizes.extend(len(tops) for _, _, _, tops, _ in p)
+        return local(p)
+
     old = found_mod.PART_FOLDERS
     found_mod.PART_FOLDERS = per_part
     try:
-        _same_walk(roots, _local_parts(DEID))
+        _same_walk(roots, parts)
     finally:
         found_mod.PART_FOLDERS = old
+    assert all(1 <= n <= per_part for n in sizes)
 
 
 def test_hostile_trees_walk_the_same_in_partitions(tmp_path):
