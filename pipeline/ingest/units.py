@@ -361,6 +361,5 @@ def group_units(entries: list[FileEntry], deid: Deidentifier, collections=()) ->
         key_header(e, deid, shared)
     found = Found.from_entries(entries)
     units = plan_units(found, deid, collections)
-    for e, fresh in zip(entries, found.entries(range(len(entries))), strict=True):
-        e.status, e.reason, e.error = fresh.status, fresh.reason, fresh.error
+    found.copy_outcomes_to(entries)
     return unit_tasks(units, found)

@@ -206,18 +206,20 @@ def _join(units: list[Unit], found: Found, tables: Tables | None, deid: Deidenti
     if tables is None:
         return JoinCounts(), {}
     join, joined = Join(tables, deid), {}
-    for i in range(0, len(units), batch):
-        part = units[i:i + batch]
+    txt_rows = None
+    if tables.beside:  # the files a --reports beside text can be: once, not per batch
+        txt_rows = (found.frame.lazy().filter(pl.col("reason") == "not_medical")
+                    .select("index", *found.path_columns()).collect())
+    for start in range(0, len(units), batch):
+        part = units[start:start + batch]
         entries = unit_entries(part, found)
         tasks = unit_tasks(part, found, entries)
         texts = {}
-        if tables.beside:
+        if txt_rows is not None:
             wanted = {str(c) for t in tasks if t.kind == "dicom"
                       for c in beside_candidates(t.image_files[0][1])}
-            rows = (found.frame.lazy().filter(pl.col("reason") == "not_medical")
-                    .select("index", *found.path_columns())
-                    .collect())
-            texts = {Path(p): i for i, p, _ in found.match_paths(rows, wanted) if p in wanted}
+            texts = {Path(p): i for i, p, _ in found.match_paths(txt_rows, wanted)
+                     if p in wanted}
         join(tasks, entries, texts)
         joined.update((t.unit_key, (t.annotations, t.report, t.report_file)) for t in tasks
                       if t.annotations or t.report is not None or t.report_file is not None)
@@ -258,7 +260,7 @@ def _commit_discovery(out, found: Found, in_units: np.ndarray, plans: list[Shard
             committed[name] = (pq.read_table(corpus_file(out, info["file"])).to_pylist()
                                if info.get("file") else [])
     held = list({r["file_key"] for rows in committed.values() for r in rows})
-    found_keys = written = set()
+    found_keys, written = set(), set()
     if held:  # of the committed discovery rows' files: which are found now, which rewritten
         found_keys = set(found.frame.lazy().filter(pl.col("file_key").is_in(held))
                          .select("file_key").collect()["file_key"])
